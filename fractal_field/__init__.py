@@ -1,0 +1,1 @@
+"""fractal-field: deep-equilibrium fractal neural fields in JAX/Equinox."""
