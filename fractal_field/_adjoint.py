@@ -1,0 +1,177 @@
+"""How `fixed_point` is differentiated: one adjoint object, reused by every solver."""
+
+from __future__ import annotations
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Float
+
+from ._fixed_point import _Config, solve_loop, strip_tangent
+from ._misc import tree_add, tree_lerp
+from ._solution import RESULTS
+from ._solver.anderson import Anderson
+from ._solver.base import AbstractFixedPointSolver
+
+BACKWARD_STATS = ("num_steps", "relative_residual", "failed")
+
+
+def backward_stats_probe() -> Float[Array, " 3"]:
+    """A zero array to pass as `fixed_point(..., stats_probe=probe)`.
+
+    Its gradient carries the statistics of `ImplicitAdjoint`'s backward solve:
+    `[num_steps, relative_residual, failed]`, summed over every solve it took part in (e.g.
+    over a `vmap`ped batch; divide by the batch size for means). Other adjoints leave it zero.
+    """
+    return jnp.zeros((len(BACKWARD_STATS),), jnp.float32)
+
+
+def _stop(tree):
+    return jtu.tree_map(lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
+
+
+class AbstractAdjoint(eqx.Module):
+    """Decides how gradients flow through a fixed-point solve."""
+
+    @abc.abstractmethod
+    def apply(self, fn, z0, args, cfg: _Config, probe):
+        """Return `(value, result, stats)`."""
+
+
+class UnrolledAdjoint(AbstractAdjoint):
+    """Backpropagate through every iteration (a masked `lax.scan` of `max_steps` steps).
+
+    Exact derivative of what the solver computed, memory linear in `max_steps`: the
+    reference for short solves and for checking the other adjoints.
+    """
+
+    def apply(self, fn, z0, args, cfg, probe):
+        return solve_loop(fn, z0, args, cfg, differentiable=True)
+
+
+class PhantomAdjoint(AbstractAdjoint):
+    """k-step phantom gradient (Geng et al., 2021).
+
+    The forward value is the solver's fixed point `z*` exactly; the gradient is that of `k`
+    damped steps `z <- (1 - damping) z + damping f(z)` started at `stop_gradient(z*)`. This
+    replaces `(I - J)^{-1}` by `damping * sum_{i<k} ((1 - damping) I + damping J)^i`, an
+    approximation that improves with `k` for a contractive map; cost `k` map VJPs.
+    """
+
+    steps: int = 5
+    damping: float = 0.5
+
+    def __check_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"PhantomAdjoint(steps={self.steps}): steps must be >= 1.")
+        if not 0 < self.damping <= 1:
+            raise ValueError(f"PhantomAdjoint(damping={self.damping}) must lie in (0, 1].")
+
+    def apply(self, fn, z0, args, cfg, probe):
+        value, result, stats = solve_loop(_stop(fn), _stop(z0), _stop(args), cfg)
+        value = _stop(value)
+        z = value
+        for _ in range(self.steps):
+            z = tree_lerp(z, fn(z, args), self.damping)
+        # Value exactly z*, gradient through the k unrolled steps.
+        out = jtu.tree_map(lambda v, u: v + (u - jax.lax.stop_gradient(u)), value, z)
+        return out, result, stats
+
+
+class JacobianFreeAdjoint(PhantomAdjoint):
+    """Jacobian-free backpropagation (Fung et al., 2022): one undamped step from `z*`.
+
+    Replaces `(I - J)^{-1}` by `I`; cheapest option, a descent direction for contractive
+    maps but not the exact gradient.
+    """
+
+    steps: int = 1
+    damping: float = 1.0
+
+
+class ImplicitAdjoint(AbstractAdjoint):
+    """Exact gradient at the fixed point by the implicit function theorem.
+
+    For `z* = f(z*, theta)` and an output cotangent `g`, solves `u = J_z^T u + g` iteratively
+    with `solver` (a fixed-point solver on the linear map; Anderson by default) to
+    `rtol`/`atol` within `max_steps`, then returns `J_theta^T u`. Only `z*` is kept from the
+    forward pass, so memory does not depend on the number of forward iterations.
+
+    A backward solve that does not converge is never silent: with `throw=True` (default)
+    it raises; with `throw=False` the (best-effort) gradient is returned and the failure is
+    counted in the `stats_probe` gradient (see `backward_stats_probe`).
+    """
+
+    solver: AbstractFixedPointSolver = Anderson(history=5)
+    max_steps: int = eqx.field(static=True, default=100)
+    rtol: float = eqx.field(static=True, default=1e-4)
+    atol: float = eqx.field(static=True, default=1e-7)
+    throw: bool = eqx.field(static=True, default=True)
+
+    def apply(self, fn, z0, args, cfg, probe):
+        if probe is None:
+            probe = jnp.zeros((len(BACKWARD_STATS),), jnp.float32)
+        value, result, stats = _implicit((fn, args, probe), _stop(z0), cfg, self)
+        return value, result, stats
+
+
+@eqx.filter_custom_vjp
+def _implicit(vjp_arg, z0, cfg, adjoint):
+    fn, args, _ = vjp_arg
+    return solve_loop(fn, z0, args, cfg)
+
+
+@_implicit.def_fwd
+def _implicit_fwd(perturbed, vjp_arg, z0, cfg, adjoint):
+    fn, args, _ = vjp_arg
+    out = solve_loop(fn, z0, args, cfg)
+    return out, out[0]
+
+
+@_implicit.def_bwd
+def _implicit_bwd(z_star, grad_obj, perturbed, vjp_arg, z0, cfg, adjoint: ImplicitAdjoint):
+    fn, args, probe = vjp_arg
+    g_value = grad_obj[0]
+    g = jtu.tree_map(
+        lambda ct, z: jnp.zeros_like(z) if ct is None else ct,
+        g_value,
+        z_star,
+        is_leaf=lambda x: x is None,
+    )
+    _, vjp_z = jax.vjp(lambda y: fn(y, args), z_star)
+
+    def linear(u, _):
+        return tree_add(vjp_z(u)[0], g)
+
+    bcfg = _Config(
+        solver=adjoint.solver,
+        max_steps=adjoint.max_steps,
+        rtol=adjoint.rtol,
+        atol=adjoint.atol,
+        divergence=cfg.divergence,
+    )
+    u, bresult, bstats = solve_loop(linear, g, None, bcfg)
+    bresult = strip_tangent(bresult)
+    failed = bresult != RESULTS.successful
+    if adjoint.throw:
+        u = bresult.error_if(u, failed)
+    dyn, rest = eqx.partition((fn, args), (perturbed[0], perturbed[1]))
+
+    def at_params(d):
+        f, a = eqx.combine(d, rest)
+        return f(z_star, a)
+
+    _, vjp_p = jax.vjp(at_params, dyn)
+    (g_params,) = vjp_p(u)
+    probe_ct = jnp.stack(
+        [
+            bstats.num_steps.astype(jnp.float32),
+            bstats.relative_residual.astype(jnp.float32),
+            failed.astype(jnp.float32),
+        ]
+    ).astype(probe.dtype)
+    probe_ct = probe_ct if perturbed[2] else None
+    return g_params[0], g_params[1], probe_ct
