@@ -74,7 +74,7 @@ def check_same_structure(z0: PyTree, out: PyTree, what: str = "fn(z, args)") -> 
             f"  z0 structure:     {s0}\n  output structure: {s1}"
         )
     for path, a, b in zip(
-        jtu.tree_flatten_with_path(z0)[0], jtu.tree_leaves(z0), jtu.tree_leaves(out)
+        jtu.tree_flatten_with_path(z0)[0], jtu.tree_leaves(z0), jtu.tree_leaves(out), strict=True
     ):
         name = jtu.keystr(path[0]) or "<root>"
         if a.shape != b.shape or jnp.dtype(a.dtype) != jnp.dtype(b.dtype):
