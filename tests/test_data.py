@@ -1,0 +1,443 @@
+"""Tests for `fractal_field.data`: loaders on small files written here, plus real MNIST/CIFAR."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import sys
+import tarfile
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from fractal_field import data
+from fractal_field.data import (
+    CIFAR10_CLASSES,
+    ArrayDataset,
+    DataFormatError,
+    DataNotFoundError,
+    augment,
+    load_dataset,
+)
+from fractal_field.data import dataset as dataset_module
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO / ".." / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never touch the user's cache or data directory from tests."""
+    monkeypatch.setenv(data.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.delenv(data.DATA_ENV_VAR, raising=False)
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# File writers
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool) -> Path:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path
+
+
+def write_mnist(d: Path, split: str, n: int, *, gz: bool, seed=0):
+    d.mkdir(parents=True, exist_ok=True)
+    prefix = {"train": "train", "test": "t10k"}[split]
+    ext = ".gz" if gz else ""
+    images = _rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = _rng(seed + 1).integers(0, 10, n).astype(np.uint8)
+    write_idx(d / f"{prefix}-images-idx3-ubyte{ext}", images, gz=gz)
+    write_idx(d / f"{prefix}-labels-idx1-ubyte{ext}", labels, gz=gz)
+    return images, labels
+
+
+def cifar_arrays(n: int, seed: int):
+    images = _rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = _rng(seed + 100).integers(0, 10, n).astype(np.int32)
+    return images, labels
+
+
+def cifar_binary_bytes(images, labels) -> bytes:
+    chw = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    return np.concatenate([labels[:, None].astype(np.uint8), chw], axis=1).tobytes()
+
+
+def cifar_pickle_bytes(images, labels) -> bytes:
+    chw = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    return pickle.dumps({b"data": chw, b"labels": labels.tolist(), b"batch_label": b"x"})
+
+
+def write_cifar(d: Path, split: str, fmt: str, n: int = 3):
+    """Write official batches; returns the concatenated arrays they hold."""
+    d.mkdir(parents=True, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    parts = []
+    for i, name in enumerate(names):
+        images, labels = cifar_arrays(n, seed=i)
+        parts.append((images, labels))
+        if fmt == "bin":
+            (d / f"{name}.bin").write_bytes(cifar_binary_bytes(images, labels))
+        else:
+            (d / name).write_bytes(cifar_pickle_bytes(images, labels))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def write_folder(root: Path, split: str, classes, n_per_class: int, *, ext: str, mode="RGB"):
+    """`<root>/<split>/<class>/<i>.<ext>`; returns images/labels in load order (sorted)."""
+    images, labels = [], []
+    for label, cls in enumerate(sorted(classes)):
+        (root / split / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            shape = (8, 6, 3) if mode == "RGB" else (8, 6)
+            array = _rng(label * 100 + i).integers(0, 256, shape, dtype=np.uint8)
+            Image.fromarray(array, mode).save(root / split / cls / f"{i:03d}.{ext}")
+            images.append(array.reshape(8, 6, -1))
+            labels.append(label)
+    return np.stack(images), np.asarray(labels, np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST / IDX
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_roundtrip(tmp_path, gz):
+    images, labels = write_mnist(tmp_path / "mnist", "train", 7, gz=gz)
+    write_mnist(tmp_path / "mnist", "test", 4, gz=gz, seed=5)
+    ds = load_dataset("mnist", "train", data_dir=tmp_path, source="local")
+    assert ds.images.shape == (7, 28, 28, 1) and ds.images.dtype == np.uint8
+    assert ds.labels.dtype == np.int32
+    np.testing.assert_array_equal(ds.images[..., 0], images)
+    np.testing.assert_array_equal(ds.labels, labels)
+    assert ds.num_classes == 10 and ds.image_shape == (1, 28, 28)
+    assert len(load_dataset("mnist", "test", data_dir=tmp_path, source="local")) == 4
+
+
+def test_mnist_in_data_dir_itself(tmp_path):
+    images, _ = write_mnist(tmp_path, "test", 3, gz=False)
+    ds = load_dataset("mnist", "test", data_dir=tmp_path, source="local")
+    np.testing.assert_array_equal(ds.images[..., 0], images)
+
+
+def test_idx_truncated(tmp_path):
+    write_mnist(tmp_path, "train", 5, gz=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataFormatError, match="truncated") as e:
+        load_dataset("mnist", "train", data_dir=tmp_path, source="local")
+    assert str(path) in str(e.value)
+
+
+def test_idx_truncated_gzip(tmp_path):
+    write_mnist(tmp_path, "train", 5, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(DataFormatError, match="gzip") as e:
+        data.read_idx(path)
+    assert str(path) in str(e.value)
+
+
+def test_idx_wrong_magic(tmp_path):
+    _, labels = write_mnist(tmp_path, "train", 5, gz=False)
+    wrong = write_idx(tmp_path / "labels-as-images", labels, gz=False)
+    with pytest.raises(DataFormatError, match="magic") as e:
+        data.load_mnist_idx(wrong, tmp_path / "train-labels-idx1-ubyte")
+    assert str(wrong) in str(e.value)
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\x12\x34\x56\x78" + bytes(100))
+    with pytest.raises(DataFormatError, match="magic"):
+        data.read_idx(junk)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10
+
+
+@pytest.mark.parametrize(
+    "fmt,sub", [("bin", "cifar-10-batches-bin"), ("py", "cifar-10-batches-py"), ("bin", "")]
+)
+def test_cifar_batches_roundtrip(tmp_path, fmt, sub):
+    d = tmp_path / "cifar10" / sub
+    images, labels = write_cifar(d, "train", fmt)
+    test_images, _ = write_cifar(d, "test", fmt, n=2)
+    ds = load_dataset("cifar10", "train", data_dir=tmp_path, source="local")
+    assert ds.images.shape == (15, 32, 32, 3)
+    np.testing.assert_array_equal(ds.images, images)
+    np.testing.assert_array_equal(ds.labels, labels)
+    assert ds.class_names == CIFAR10_CLASSES and ds.image_shape == (3, 32, 32)
+    test = load_dataset("cifar10", "test", data_dir=tmp_path, source="local")
+    np.testing.assert_array_equal(test.images, test_images)
+
+
+def test_cifar_official_archive(tmp_path):
+    src = tmp_path / "src" / "cifar-10-batches-bin"
+    images, labels = write_cifar(src, "test", "bin")
+    (tmp_path / "cifar10").mkdir()
+    with tarfile.open(tmp_path / "cifar10" / "cifar-10-binary.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-bin")
+    ds = load_dataset("cifar10", "test", data_dir=tmp_path, source="local")
+    np.testing.assert_array_equal(ds.images, images)
+    np.testing.assert_array_equal(ds.labels, labels)
+
+
+def test_cifar_corrupt(tmp_path):
+    d = tmp_path / "cifar-10-batches-bin"
+    write_cifar(d, "test", "bin")
+    (d / "test_batch.bin").write_bytes((d / "test_batch.bin").read_bytes()[:-1])
+    with pytest.raises(DataFormatError, match="test_batch.bin"):
+        load_dataset("cifar10", "test", data_dir=tmp_path, source="local")
+    (d / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(DataFormatError, match="test_batch"):
+        data.load_cifar10_pickle([d / "test_batch"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders
+
+
+def test_folder_png_exact_roundtrip(tmp_path):
+    images, labels = write_folder(tmp_path, "train", ["zebra", "ant", "cat"], 3, ext="png")
+    write_folder(tmp_path, "test", ["zebra", "ant", "cat", "dog"], 1, ext="png")
+    ds = load_dataset("folder", "train", data_dir=tmp_path)
+    # Classes are the sorted union over splits, so train and test share one labelling.
+    assert ds.class_names == ("ant", "cat", "dog", "zebra")
+    np.testing.assert_array_equal(ds.images, images)
+    np.testing.assert_array_equal(ds.labels, np.array([0, 0, 0, 1, 1, 1, 3, 3, 3]))
+    assert ds.image_shape == (3, 8, 6) and ds.mean == (0.5, 0.5, 0.5)
+
+
+def test_folder_grayscale_and_class_list(tmp_path):
+    images, _ = write_folder(tmp_path, "train", ["a", "b"], 2, ext="png", mode="L")
+    ds = load_dataset("folder", "train", data_dir=tmp_path, classes=["b", "a"])
+    assert ds.images.shape == (4, 8, 6, 1)
+    np.testing.assert_array_equal(ds.images, images)
+    np.testing.assert_array_equal(ds.labels, [1, 1, 0, 0])
+    with pytest.raises(DataFormatError, match="not in classes"):
+        load_dataset("folder", "train", data_dir=tmp_path, classes=["a"])
+
+
+def test_folder_jpg_and_resize(tmp_path):
+    images, labels = write_folder(tmp_path, "train", ["x", "y"], 2, ext="jpg")
+    ds = load_dataset("folder", "train", data_dir=tmp_path)
+    assert ds.images.shape == images.shape
+    np.testing.assert_array_equal(ds.labels, labels)
+    small = load_dataset("folder", "train", data_dir=tmp_path, image_size=(4, 3))
+    assert small.images.shape == (4, 4, 3, 3)
+
+
+def test_folder_mixed_sizes_error(tmp_path):
+    write_folder(tmp_path, "train", ["x"], 1, ext="png")
+    Image.new("RGB", (5, 5)).save(tmp_path / "train" / "x" / "big.png")
+    with pytest.raises(DataFormatError, match="big.png"):
+        load_dataset("folder", "train", data_dir=tmp_path)
+
+
+def test_folder_tar_gz_and_cache(tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    images, labels = write_folder(tree / "mydata", "test", ["b", "a"], 2, ext="png")
+    archive = tmp_path / "mydata.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree / "mydata", arcname="mydata")  # one wrapping folder is allowed
+    ds = load_dataset("folder", "test", data_dir=archive)
+    np.testing.assert_array_equal(ds.images, images)
+    np.testing.assert_array_equal(ds.labels, labels)
+    assert ds.class_names == ("a", "b")
+    assert list((tmp_path / "cache").glob("mydata-test-*.npz"))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("second load should come from the cache")
+
+    monkeypatch.setattr(data.formats, "decode_images", no_decoding)
+    again = load_dataset("folder", "test", data_dir=archive)
+    np.testing.assert_array_equal(again.images, images)
+    assert again.class_names == ds.class_names
+
+
+def test_cifar_folder_archive_uses_official_class_order(tmp_path):
+    classes = list(CIFAR10_CLASSES)
+    tree = tmp_path / "tree" / "cifar10-jpg"
+    for label, cls in enumerate(classes):
+        (tree / "test" / cls).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (label, 0, 0)).save(tree / "test" / cls / "0000.png")
+    (tmp_path / "cifar10").mkdir()
+    with tarfile.open(tmp_path / "cifar10" / "cifar10-jpg.tar.gz", "w:gz") as tar:
+        tar.add(tree, arcname="cifar10-jpg")
+    ds = load_dataset("cifar10", "test", data_dir=tmp_path, source="local")
+    np.testing.assert_array_equal(ds.labels, np.arange(10))
+    np.testing.assert_array_equal(ds.images[:, 0, 0, 0], np.arange(10))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data directories and errors
+
+
+def test_missing_data_dir_lists_places(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataNotFoundError) as e:
+        load_dataset("mnist", "train", data_dir=missing, source="local")
+    msg = str(e.value)
+    assert str(missing) in msg and "--data-dir" in msg and data.DATA_ENV_VAR in msg
+    with pytest.raises(DataNotFoundError, match="nowhere"):
+        data.resolve_data_dir(missing)
+
+
+def test_auto_falls_back_to_tfds_and_reports_everything(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise DataNotFoundError("no internet")
+
+    monkeypatch.setattr(dataset_module, "load_tfds", offline)
+    (tmp_path / "mnist").mkdir()
+    with pytest.raises(DataNotFoundError) as e:
+        load_dataset("cifar10", "test", data_dir=tmp_path)
+    msg = str(e.value)
+    assert "cifar10" in msg and "cifar-10-batches-bin" in msg
+    assert "tensorflow_datasets: no internet" in msg and "internet" in msg
+
+
+def test_data_dir_resolution_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = tmp_path / "env"
+    monkeypatch.setenv(data.DATA_ENV_VAR, str(env))
+    candidates = [p for p, _ in data.candidate_data_dirs()]
+    assert candidates[:3] == [env, Path("data"), Path("../shared/data")]
+    assert [p for p, _ in data.candidate_data_dirs("x")] == [Path("x")]
+    (tmp_path / "data").mkdir()
+    assert data.resolve_data_dir() == Path("data")  # env dir does not exist
+    env.mkdir()
+    assert data.resolve_data_dir() == env
+
+
+def test_tfds_data_source_conversion(monkeypatch):
+    """The tfds path on a fake `tensorflow_datasets` (the real one needs internet)."""
+    images = _rng().integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+
+    class Source:
+        dataset_info = types.SimpleNamespace(
+            features={"label": types.SimpleNamespace(names=list("0123456789"))}
+        )
+
+        def __len__(self):
+            return 5
+
+        def __getitems__(self, keys):
+            return [{"image": images[k], "label": np.int64(k)} for k in keys]
+
+    fake = types.ModuleType("tensorflow_datasets")
+    fake.data_source = lambda name, **kwargs: Source()
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+    ds = load_dataset("mnist", "test", source="tfds")
+    np.testing.assert_array_equal(ds.images, images)
+    np.testing.assert_array_equal(ds.labels, np.arange(5))
+    assert ds.origin == "tfds"
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching, normalisation, augmentation
+
+
+def _toy(n=23) -> ArrayDataset:
+    images = _rng().integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    labels = (np.arange(n) % 3).astype(np.int32)
+    return ArrayDataset(images, labels, ("a", "b", "c"), (0.5,) * 3, (0.25,) * 3)
+
+
+def test_batches_deterministic_and_resumable():
+    ds = _toy()
+    epoch = [b[1] for b in ds.batches(4, seed=1, epoch=2)]
+    assert len(epoch) == ds.num_batches(4) == 5
+    again = [b[1] for b in ds.batches(4, seed=1, epoch=2)]
+    resumed = [b[1] for b in ds.batches(4, seed=1, epoch=2, start_batch=3)]
+    for a, b in zip(epoch, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(epoch[3:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    images = np.concatenate([b[0] for b in ds.batches(4, seed=1, epoch=3, drop_last=False)])
+    assert len(images) == 23 and len(np.unique(images.reshape(23, -1), axis=0)) == 23
+    other = np.concatenate([b[0] for b in ds.batches(4, seed=1, epoch=3, drop_last=False)])
+    np.testing.assert_array_equal(images, other)
+    first = next(ds.batches(4, seed=1, epoch=4))[0]
+    assert not np.array_equal(first, next(ds.batches(4, seed=1, epoch=5))[0])
+    plain = next(ds.batches(5, seed=0, epoch=0, shuffle=False))[0]
+    np.testing.assert_array_equal(plain, ds.images[:5])
+
+
+def test_normalize_and_subset():
+    ds = _toy()
+    x = ds.normalize(ds.images[:2])
+    assert x.shape == (2, 3, 4, 4) and x.dtype == jnp.float32
+    expected = (ds.images[:2].astype(np.float32) / 255 - 0.5) / 0.25
+    np.testing.assert_allclose(np.asarray(x), expected.transpose(0, 3, 1, 2), atol=1e-6)
+    assert ds.normalize(ds.images, channels_first=False).shape == (23, 4, 4, 3)
+    assert len(ds.subset(5)) == 5 and len(ds.subset(5, seed=0)) == 5
+    np.testing.assert_array_equal(ds.subset(5).images, ds.images[:5])
+
+
+def test_augment_flip_and_crop():
+    x = jnp.asarray(_rng().normal(size=(32, 3, 6, 5)), jnp.float32)
+    out = augment(jax.random.key(0), x, padding=0)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    same = jnp.all(out == x, axis=(1, 2, 3))
+    flipped = jnp.all(out == x[..., ::-1], axis=(1, 2, 3))
+    assert bool(jnp.all(same | flipped)) and 0 < int(flipped.sum()) < 32
+
+    p = 2
+    cropped = np.asarray(augment(jax.random.key(1), x, padding=p, flip=False))
+    padded = np.pad(np.asarray(x), ((0, 0), (0, 0), (p, p), (p, p)))
+    offsets = set()
+    for i in range(32):
+        matches = [
+            (dy, dx)
+            for dy in range(2 * p + 1)
+            for dx in range(2 * p + 1)
+            if np.array_equal(cropped[i], padded[i, :, dy : dy + 6, dx : dx + 5])
+        ]
+        assert matches, f"image {i} is not a crop of its padded input"
+        offsets.add(matches[0])
+    assert len(offsets) > 5
+
+    u8 = jnp.asarray(_rng().integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    key = jax.random.key(2)
+    nhwc = augment(key, u8, channels_first=False)
+    assert nhwc.shape == u8.shape and nhwc.dtype == jnp.uint8
+    nchw = augment(key, jnp.moveaxis(u8, -1, 1))
+    np.testing.assert_array_equal(np.asarray(nhwc), np.moveaxis(np.asarray(nchw), 1, -1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data (present in CI at ../shared/data)
+
+
+@pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason="no ../shared/data/mnist")
+def test_real_mnist():
+    train = load_dataset("mnist", "train", data_dir=SHARED, source="local")
+    test = load_dataset("mnist", "test", data_dir=SHARED, source="local")
+    assert len(train) == 60000 and len(test) == 10000
+    np.testing.assert_array_equal(train.labels[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
+    counts = np.bincount(train.images.ravel(), minlength=256)  # exact and fast
+    values = np.arange(256) / 255
+    mean = (counts * values).sum() / counts.sum()
+    std = np.sqrt((counts * values**2).sum() / counts.sum() - mean**2)
+    assert abs(mean - 0.1307) < 1e-4 and abs(std - 0.3081) < 1e-4
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="no ../shared/data/cifar10")
+def test_real_cifar10_test_split():
+    test = load_dataset("cifar10", "test", data_dir=SHARED, source="local")
+    assert test.images.shape == (10000, 32, 32, 3) and test.class_names == CIFAR10_CLASSES
+    np.testing.assert_array_equal(np.bincount(test.labels), [1000] * 10)
+    mean = test.images.reshape(-1, 3).mean(0) / 255
+    np.testing.assert_allclose(mean, data.CIFAR10_MEAN, atol=0.01)
