@@ -73,9 +73,10 @@ class PhantomAdjoint(AbstractAdjoint):
     def apply(self, fn, z0, args, cfg, probe):
         value, result, stats = solve_loop(_stop(fn), _stop(z0), _stop(args), cfg)
         value = _stop(value)
-        z = value
-        for _ in range(self.steps):
-            z = tree_lerp(z, fn(z, args), self.damping)
+        # A rolled loop: compile time does not grow with `steps`.
+        z = jax.lax.fori_loop(
+            0, self.steps, lambda _, z: tree_lerp(z, fn(z, args), self.damping), value
+        )
         # Value exactly z*, gradient through the k unrolled steps.
         out = jtu.tree_map(lambda v, u: v + (u - jax.lax.stop_gradient(u)), value, z)
         return out, result, stats

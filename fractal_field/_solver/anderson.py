@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Inexact, Int
@@ -33,7 +34,9 @@ class Anderson(AbstractFixedPointSolver):
     - `coefficients`: `"complex"` solves for complex weights with the conjugate (Hermitian)
       inner product; `"real"` restricts them to real weights, which makes the solver identical
       to running it on the real/imaginary split of the state (the natural choice for maps
-      that are only R-linear, like modReLU fields). Real states ignore this.
+      that are only R-linear, like modReLU fields). Real states ignore this, and states that
+      mix real and complex leaves always use real weights (a complex weight would be cut to
+      its real part on the real leaves).
 
     When the weights come out non-finite the step falls back to a plain mixed step and the
     history restarts (counted in the state as `restarts`).
@@ -70,7 +73,9 @@ class Anderson(AbstractFixedPointSolver):
 
         g = fys - ys
         gram = jnp.conj(g) @ g.T  # gram[i, j] = <g_i, g_j>, Hermitian
-        if self.coefficients == "real" or not jnp.iscomplexobj(gram):
+        leaves = jax.tree_util.tree_leaves(y)
+        mixed = len({jnp.iscomplexobj(x) for x in leaves}) > 1
+        if self.coefficients == "real" or mixed or not jnp.iscomplexobj(gram):
             gram = jnp.real(gram)
         both = valid[:, None] & valid[None, :]
         diag = jnp.real(jnp.diagonal(gram))
