@@ -1,35 +1,57 @@
 """fractal-field: deep-equilibrium fractal neural fields in JAX/Equinox."""
 
+from ._activation import (
+    LIPSCHITZ as LIPSCHITZ,
+    Cardioid as Cardioid,
+    CReLU as CReLU,
+    ModReLU as ModReLU,
+    PhaseTanh as PhaseTanh,
+    ZReLU as ZReLU,
+    cardioid as cardioid,
+    crelu as crelu,
+    modrelu as modrelu,
+    phase_tanh as phase_tanh,
+    zrelu as zrelu,
+)
 from ._adjoint import (
     AbstractAdjoint as AbstractAdjoint,
-)
-from ._adjoint import (
     ImplicitAdjoint as ImplicitAdjoint,
-)
-from ._adjoint import (
     JacobianFreeAdjoint as JacobianFreeAdjoint,
-)
-from ._adjoint import (
     PhantomAdjoint as PhantomAdjoint,
-)
-from ._adjoint import (
     UnrolledAdjoint as UnrolledAdjoint,
-)
-from ._adjoint import (
     backward_stats_probe as backward_stats_probe,
 )
+from ._cell import FractalCell as FractalCell
+from ._checkpoint import load_checkpoint as load_checkpoint, save_checkpoint as save_checkpoint
+from ._complex_opt import (
+    complex_safe as complex_safe,
+    conjugate_complex_grads as conjugate_complex_grads,
+)
+from ._config import load_config as load_config
+from ._contraction import ContractiveToroidalConv as ContractiveToroidalConv
+from ._conv import ToroidalConv as ToroidalConv
 from ._fixed_point import fixed_point as fixed_point
-from ._solution import RESULTS as RESULTS
-from ._solution import Solution as Solution
-from ._solution import Stats as Stats
+from ._model import (
+    PRESETS as PRESETS,
+    Encoder as Encoder,
+    FieldClassifier as FieldClassifier,
+    Readout as Readout,
+    count_params as count_params,
+    make_model as make_model,
+    param_summary as param_summary,
+)
+from ._solution import RESULTS as RESULTS, Solution as Solution, Stats as Stats
 from ._solver import (
     AbstractFixedPointSolver as AbstractFixedPointSolver,
-)
-from ._solver import (
     Anderson as Anderson,
-)
-from ._solver import (
+    Multigrid as Multigrid,
     Naive as Naive,
+)
+from ._train import (
+    evaluate as evaluate,
+    export_model as export_model,
+    load_model as load_model,
+    train as train,
 )
 
 __version__ = "0.1.0"

@@ -206,9 +206,19 @@ def fixed_point(
         raise type(e)(f"fn(z0, args) failed while checking the problem: {e}") from e
     check_same_structure(z0, out)
     solver.check(fn, z0, args)
+    converted = eqx.filter_closure_convert(fn, z0, args)
     if getattr(solver, "resolution_agnostic", False) is False:
         # Make closed-over arrays explicit, so gradients reach them.
-        fn = eqx.filter_closure_convert(fn, z0, args)
+        fn = converted
+    elif any(
+        isinstance(c, jax.core.Tracer) and id(c) not in {id(x) for x in jtu.tree_leaves(fn)}
+        for c in jtu.tree_leaves(converted)
+    ):
+        raise ValueError(
+            f"{type(solver).__name__} calls fn on other grid sizes, so fn cannot close over "
+            "traced arrays (e.g. parameters being differentiated or jit arguments): pass them "
+            "through `args` or make fn an eqx.Module holding them."
+        )
     cfg = _Config(
         solver=solver,
         max_steps=max_steps,

@@ -22,9 +22,9 @@ from fractal_field.data import (
     DataFormatError,
     DataNotFoundError,
     augment,
+    dataset as dataset_module,
     load_dataset,
 )
-from fractal_field.data import dataset as dataset_module
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO / ".." / "shared" / "data"

@@ -1,3 +1,4 @@
 from .anderson import Anderson as Anderson
 from .base import AbstractFixedPointSolver as AbstractFixedPointSolver
+from .multigrid import Multigrid as Multigrid
 from .naive import Naive as Naive

@@ -1,0 +1,36 @@
+"""CIFAR-10 with the small field model (<= 170,000 real parameters).
+
+python scripts/train.py --config configs/cifar10_small.py --workdir runs/cifar10_small
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(
+        name="cifar10", data_dir=None, source="auto", augment=False, train_size=0, test_size=0
+    )
+    c.model = dict(preset="cifar_small", max_steps=30, rtol=1e-3)
+    c.solver = dict(name="anderson", history=5)
+    c.adjoint = dict(name="implicit", max_steps=30, rtol=1e-3, throw=False)
+    c.batch_size = 128
+    c.eval_batch_size = 500
+    c.epochs = 40
+    c.optim = dict(lr=3e-3, warmup_epochs=1.0, weight_decay=5e-4, clip=1.0, final_lr_ratio=1e-2)
+    c.checkpoint_every_steps = 200
+    c.log_every = 50
+
+    if variant == "smoke":
+        c.data = dict(name="synthetic", image_size=8, train_size=128, test_size=64)
+        c.model = dict(preset="tiny", max_steps=10, rtol=1e-3)
+        c.batch_size = 32
+        c.epochs = 1
+        c.checkpoint_every_steps = 2
+    elif variant == "cpu_short":
+        # What fits in about an hour on a 2-core CPU: a few epochs on the full data.
+        c.epochs = 3
+    elif variant:
+        raise ValueError(f"Unknown variant {variant!r} (use '', 'smoke' or 'cpu_short').")
+    return c

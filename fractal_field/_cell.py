@@ -1,0 +1,112 @@
+"""The fractal cell: one weight set iterated on a complex toroidal field."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Complex, Float, PRNGKeyArray
+
+from ._activation import LIPSCHITZ, Cardioid, CReLU, ModReLU, PhaseTanh, ZReLU
+from ._contraction import ContractiveToroidalConv
+from ._conv import ToroidalConv
+
+_ACTIVATIONS = {"cardioid": Cardioid, "crelu": CReLU, "phase_tanh": PhaseTanh, "zrelu": ZReLU}
+
+
+class FractalCell(eqx.Module):
+    """`z <- (1 - alpha) z + alpha * act(K z + injection)` on a `(channels, h, w)` torus.
+
+    - `K`: a complex toroidal convolution whose exact operator norm is kept at most `gamma`
+      (on the reference grid `norm_grid`; see `ContractiveToroidalConv`).
+    - `act`: `"modrelu"` (learnable per-channel bias), `"cardioid"`, `"crelu"` or
+      `"phase_tanh"`.
+    - `alpha`: relaxation in (0, 1); learnable (through a sigmoid) if `learn_alpha`.
+
+    Resolution-agnostic: the same weights act on any grid size, which the multigrid solver
+    uses. With a 1-Lipschitz activation the cell is a contraction with constant
+    `lipschitz_bound()`, so the fixed point exists, is unique and naive iteration reaches it
+    from any start.
+    """
+
+    conv: ContractiveToroidalConv | ToroidalConv
+    act: eqx.Module
+    act_name: str = eqx.field(static=True)
+    alpha_param: Float[Array, ""] | float
+    learn_alpha: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        kernel_size: int = 3,
+        dilations: tuple[int, ...] = (1,),
+        gamma: float = 0.9,
+        norm_grid: tuple[int, int] = (28, 28),
+        activation: str = "modrelu",
+        alpha: float = 0.5,
+        learn_alpha: bool = False,
+        impl: str = "auto",
+        key: PRNGKeyArray,
+    ):
+        if not 0 < alpha < 1 and not (alpha == 1 and not learn_alpha):
+            raise ValueError(f"FractalCell(alpha={alpha}): alpha must lie in (0, 1].")
+        ckey, akey = jr.split(key)
+        if activation != "modrelu" and activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"Unknown activation {activation!r}; choose from "
+                f"{['modrelu', *sorted(_ACTIVATIONS)]}."
+            )
+        self.conv = ContractiveToroidalConv(
+            channels,
+            channels,
+            kernel_size,
+            dilations,
+            gamma=gamma,
+            norm_grid=norm_grid,
+            impl=impl,
+            key=ckey,
+        )
+        self.act_name = activation
+        self.act = ModReLU(channels) if activation == "modrelu" else _ACTIVATIONS[activation]()
+        self.learn_alpha = learn_alpha
+        # Learnable: stored as a logit so alpha stays in (0, 1).
+        self.alpha_param = (
+            jnp.asarray(jnp.log(alpha / (1 - alpha)), jnp.float32) if learn_alpha else float(alpha)
+        )
+
+    @property
+    def channels(self) -> int:
+        return self.conv.out_channels
+
+    def alpha(self):
+        return jax.nn.sigmoid(self.alpha_param) if self.learn_alpha else self.alpha_param
+
+    def __call__(
+        self, z: Complex[Array, "c h w"], injection: Complex[Array, "c h w"]
+    ) -> Complex[Array, "c h w"]:
+        """One cell update at any grid size."""
+        return self.step_with(self.conv, z, injection)
+
+    def step_with(self, op: Callable, z, injection):
+        a = self.alpha()
+        out = (1 - a) * z + a * self.act(op(z) + injection)
+        return out.astype(z.dtype)
+
+    def normalized(self) -> FractalCell:
+        """This cell with the contraction rescaling applied once (a plain `ToroidalConv`), for
+        solvers that call it at several grid sizes."""
+        if isinstance(self.conv, ToroidalConv):
+            return self
+        return eqx.tree_at(lambda c: c.conv, self, self.conv.effective())
+
+    def lipschitz_bound(self, h: int, w: int):
+        """Upper bound of the cell's Lipschitz constant on an `h x w` torus."""
+        act_lip = LIPSCHITZ[self.act_name]
+        a = self.alpha()
+        conv = self.conv if isinstance(self.conv, ContractiveToroidalConv) else None
+        k_norm = conv.lipschitz_bound(h, w) if conv else self.conv.operator_norm(h, w)
+        return (1 - a) + a * act_lip * k_norm

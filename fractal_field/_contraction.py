@@ -1,0 +1,104 @@
+"""Keeping a toroidal convolution a contraction, with complex weights."""
+
+from typing import Literal
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Complex, PRNGKeyArray
+
+from ._conv import DirectOperator, Impl, SpectralOperator, ToroidalConv, operator_norm_power
+
+
+class ContractiveToroidalConv(eqx.Module):
+    """A `ToroidalConv` (field `conv`; same constructor arguments plus `gamma`, `norm_grid`)
+    whose weight is rescaled by `min(1, gamma / ||K||_op)`.
+
+    `||K||_op` is the exact operator norm on the reference torus `norm_grid = (H, W)` (largest
+    singular value over the per-frequency matrices; complex-safe, unlike `eqx.nn.SpectralNorm`
+    or the norm of the reshaped kernel, which is only a lower bound). The rescaled map is the
+    same at every resolution, so its norm is at most `gamma` on `H x W` and on every torus
+    `h x w` with `h | H`, `w | W` (their frequencies are a subset of the reference ones). For
+    other sizes it can differ slightly: `lipschitz_bound(h, w)` gives the exact figure.
+
+    With `norm_method="power"` the norm is a cheaper power-iteration estimate (a lower bound, so
+    the bound holds only once it has converged); `"svd"` (default) is exact up to rounding.
+    Gradients flow through the normalisation (as in spectral normalisation). Every call
+    recomputes the norm: call `operator(h, w)` (or `normalised()`) once per solve, not per
+    fixed-point iteration.
+    """
+
+    conv: ToroidalConv
+    gamma: float = eqx.field(static=True)
+    norm_grid: tuple[int, int] = eqx.field(static=True)
+    norm_method: Literal["svd", "power"] = eqx.field(static=True)
+    power_iters: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        dilations: tuple[int, ...] = (1,),
+        *,
+        gamma: float = 0.9,
+        norm_grid: tuple[int, int] = (28, 28),
+        impl: Impl = "auto",
+        norm_method: Literal["svd", "power"] = "svd",
+        power_iters: int = 30,
+        dtype=jnp.complex64,
+        key: PRNGKeyArray,
+    ):
+        if not 0 < gamma:
+            raise ValueError(f"`gamma` must be positive, got {gamma}.")
+        if len(norm_grid) != 2 or min(norm_grid) < 1:
+            raise ValueError(f"`norm_grid` must be a pair of positive ints, got {norm_grid!r}.")
+        if norm_method not in ("svd", "power"):
+            raise ValueError(f"`norm_method` must be 'svd' or 'power', got {norm_method!r}.")
+        self.conv = ToroidalConv(
+            in_channels, out_channels, kernel_size, dilations, impl=impl, dtype=dtype, key=key
+        )
+        self.gamma = float(gamma)
+        self.norm_grid = (int(norm_grid[0]), int(norm_grid[1]))
+        self.norm_method = norm_method
+        self.power_iters = power_iters
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+    def scale(self) -> Array:
+        """`min(1, gamma / ||K||_op)` on `norm_grid`."""
+        h, w = self.norm_grid
+        if self.norm_method == "svd":
+            norm = self.conv.operator_norm(h, w)
+        else:
+            norm = operator_norm_power(self.conv.spectrum(h, w), iters=self.power_iters)
+        big = norm > self.gamma
+        return jnp.where(big, self.gamma / jnp.where(big, norm, 1.0), 1.0)
+
+    def normalised(self) -> ToroidalConv:
+        """The rescaled `ToroidalConv` (a plain conv: evaluate it at several grid sizes without
+        recomputing the norm)."""
+        weight = self.conv.weight * self.scale().astype(self.conv.weight.dtype)
+        return eqx.tree_at(lambda c: c.weight, self.conv, weight)
+
+    effective = normalised
+
+    def operator(
+        self, h: int, w: int, *, impl: Impl | None = None
+    ) -> DirectOperator | SpectralOperator:
+        """The rescaled operator on the `h x w` torus; build once per solve (computes the norm)."""
+        return self.normalised().operator(h, w, impl=impl)
+
+    def __call__(
+        self, z: Complex[Array, "cin h w"], *, impl: Impl | None = None
+    ) -> Complex[Array, "cout h w"]:
+        return self.normalised()(z, impl=impl)
+
+    def lipschitz_bound(self, h: int, w: int) -> Array:
+        """Exact operator norm of the rescaled map on the `h x w` torus."""
+        return self.normalised().operator_norm(h, w)

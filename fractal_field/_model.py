@@ -1,0 +1,257 @@
+"""Encoder -> fractal field (fixed point) -> readout: image classifiers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Complex, Float, PRNGKeyArray
+
+from ._adjoint import AbstractAdjoint, ImplicitAdjoint
+from ._cell import FractalCell
+from ._fixed_point import fixed_point
+from ._solution import RESULTS, Solution
+from ._solver import AbstractFixedPointSolver, Anderson
+
+
+class Encoder(eqx.Module):
+    """Real image `(c_in, H, W)` -> complex injection field `(channels, H/s, W/s)`.
+
+    A 3x3 real convolution with circular padding produces `2 * channels` maps, read as real
+    and imaginary parts, then `pool x pool` average pooling. `phase="learned"` multiplies each
+    channel by a learned unit phase `exp(i theta_c)`.
+    """
+
+    conv: eqx.nn.Conv2d
+    theta: Float[Array, " channels"] | None
+    channels: int = eqx.field(static=True)
+    pool: int = eqx.field(static=True)
+
+    def __init__(self, in_channels: int, channels: int, *, pool: int = 1, phase: str = "none", key):
+        if phase not in ("none", "learned"):
+            raise ValueError(f"Encoder(phase={phase!r}) must be 'none' or 'learned'.")
+        ckey, pkey = jr.split(key)
+        self.conv = eqx.nn.Conv2d(
+            in_channels, 2 * channels, 3, padding=1, padding_mode="CIRCULAR", key=ckey
+        )
+        self.theta = (
+            jr.uniform(pkey, (channels,), minval=-math.pi, maxval=math.pi)
+            if (phase == "learned")
+            else None
+        )
+        self.channels = channels
+        self.pool = pool
+
+    def __call__(self, x: Float[Array, "cin H W"]) -> Complex[Array, "c h w"]:
+        if x.ndim != 3 or x.shape[0] != self.conv.in_channels:
+            raise ValueError(
+                f"Encoder expects one image of shape ({self.conv.in_channels}, H, W) "
+                f"(channels first, unbatched: vmap over a batch); got {x.shape}."
+            )
+        h = self.conv(x)
+        if self.pool > 1:
+            c, hh, ww = h.shape
+            if hh % self.pool or ww % self.pool:
+                raise ValueError(f"Image size {hh}x{ww} is not divisible by pool={self.pool}.")
+            h = h.reshape(c, hh // self.pool, self.pool, ww // self.pool, self.pool).mean((2, 4))
+        z = jax.lax.complex(h[: self.channels], h[self.channels :])
+        if self.theta is not None:
+            z = z * jnp.exp(1j * self.theta)[:, None, None].astype(z.dtype)
+        return z
+
+
+class Readout(eqx.Module):
+    """`|z|` (plus `Re`/`Im` of the unit phase if `phase_features`) -> average pooling to a
+    `grid x grid` layout (1 = global pooling) -> linear -> logits."""
+
+    linear: eqx.nn.Linear
+    grid: int = eqx.field(static=True)
+    phase_features: bool = eqx.field(static=True)
+
+    def __init__(
+        self, channels: int, num_classes: int, *, grid: int = 1, phase_features=False, key
+    ):
+        feats = channels * (3 if phase_features else 1) * grid * grid
+        self.linear = eqx.nn.Linear(feats, num_classes, key=key)
+        self.grid = grid
+        self.phase_features = phase_features
+
+    def __call__(self, z: Complex[Array, "c h w"]) -> Float[Array, " classes"]:
+        mag = jnp.sqrt(jnp.real(z) ** 2 + jnp.imag(z) ** 2 + 1e-12)
+        feats = [mag]
+        if self.phase_features:
+            feats += [jnp.real(z) / (mag + 1e-6) * mag, jnp.imag(z) / (mag + 1e-6) * mag]
+        f = jnp.concatenate(feats, 0)
+        c, h, w = f.shape
+        g = self.grid
+        # Adaptive average pooling on the torus grid (bins of near-equal size).
+        hb = np.linspace(0, h, g + 1).round().astype(int)
+        wb = np.linspace(0, w, g + 1).round().astype(int)
+        pooled = jnp.stack(
+            [
+                jnp.stack(
+                    [f[:, hb[i] : hb[i + 1], wb[j] : wb[j + 1]].mean((1, 2)) for j in range(g)], -1
+                )
+                for i in range(g)
+            ],
+            -2,
+        )
+        return self.linear(pooled.reshape(-1))
+
+
+class FieldClassifier(eqx.Module):
+    """Image classifier whose hidden layer is the fixed point of a `FractalCell`.
+
+    `model(x)` on one image `(c, H, W)` returns `(logits, solution)` where `solution` is the
+    field's `ff.Solution` (value, result code, stats). `vmap` over a batch.
+    """
+
+    encoder: Encoder
+    cell: FractalCell
+    readout: Readout
+    solver: AbstractFixedPointSolver
+    adjoint: AbstractAdjoint
+    max_steps: int = eqx.field(static=True)
+    rtol: float = eqx.field(static=True)
+    atol: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        channels: int = 24,
+        pool: int = 2,
+        kernel_size: int = 3,
+        dilations: tuple[int, ...] = (1,),
+        gamma: float = 0.9,
+        activation: str = "modrelu",
+        alpha: float = 0.5,
+        learn_alpha: bool = False,
+        phase: str = "none",
+        readout_grid: int = 1,
+        phase_features: bool = False,
+        impl: str = "auto",
+        solver: AbstractFixedPointSolver | None = None,
+        adjoint: AbstractAdjoint | None = None,
+        max_steps: int = 30,
+        rtol: float = 1e-3,
+        atol: float = 1e-6,
+        key: PRNGKeyArray,
+    ):
+        ekey, ckey, rkey = jr.split(key, 3)
+        grid = image_size // pool
+        self.encoder = Encoder(in_channels, channels, pool=pool, phase=phase, key=ekey)
+        self.cell = FractalCell(
+            channels,
+            kernel_size=kernel_size,
+            dilations=tuple(dilations),
+            gamma=gamma,
+            norm_grid=(grid, grid),
+            activation=activation,
+            alpha=alpha,
+            learn_alpha=learn_alpha,
+            impl=impl,
+            key=ckey,
+        )
+        self.readout = Readout(
+            channels, num_classes, grid=readout_grid, phase_features=phase_features, key=rkey
+        )
+        self.solver = Anderson() if solver is None else solver
+        self.adjoint = ImplicitAdjoint() if adjoint is None else adjoint
+        self.max_steps = max_steps
+        self.rtol = rtol
+        self.atol = atol
+
+    def solve(
+        self, x: Float[Array, "cin H W"], *, stats_probe=None, **fixed_point_kwargs: Any
+    ) -> Solution:
+        """Encode `x` and solve the field; keyword arguments override `ff.fixed_point`'s."""
+        injection = self.encoder(x)
+        kwargs: dict[str, Any] = dict(
+            solver=self.solver,
+            adjoint=self.adjoint,
+            max_steps=self.max_steps,
+            rtol=self.rtol,
+            atol=self.atol,
+            throw=False,
+        )
+        kwargs.update(fixed_point_kwargs)
+        z0 = jnp.zeros_like(injection)
+        if getattr(kwargs["solver"], "resolution_agnostic", False):
+            # Acts at any grid size; the solver restricts the injection alongside the state.
+            fn = self.cell.normalized()
+        else:
+            # Precompute the operator (e.g. the kernel's spectrum) once, outside the loop.
+            _, h, w = injection.shape
+            op = self.cell.conv.operator(h, w)
+            cell = self.cell
+
+            def fn(z, inj):
+                return cell.step_with(op, z, inj)
+
+        return fixed_point(fn, z0, injection, stats_probe=stats_probe, **kwargs)
+
+    def __call__(
+        self, x: Float[Array, "cin H W"], *, stats_probe=None, **fixed_point_kwargs: Any
+    ) -> tuple[Float[Array, " classes"], Solution]:
+        sol = self.solve(x, stats_probe=stats_probe, **fixed_point_kwargs)
+        return self.readout(sol.value), sol
+
+
+def count_params(model) -> int:
+    """Real parameters: a complex weight counts as two."""
+    leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
+    return int(sum(x.size * (2 if jnp.iscomplexobj(x) else 1) for x in leaves))
+
+
+def param_summary(model) -> str:
+    """A table of parameter counts per module path."""
+    rows = []
+    flat = jax.tree_util.tree_flatten_with_path(eqx.filter(model, eqx.is_inexact_array))[0]
+    for path, x in flat:
+        n = x.size * (2 if jnp.iscomplexobj(x) else 1)
+        rows.append((jax.tree_util.keystr(path), f"{x.dtype.name}{list(x.shape)}", n))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'parameter':<{width}}  {'array':<24} {'real params':>11}"]
+    lines += [f"{p:<{width}}  {s:<24} {n:>11,}" for p, s, n in rows]
+    lines.append(f"{'total':<{width}}  {'':<24} {count_params(model):>11,}")
+    return "\n".join(lines)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # MNIST, under 20,000 real parameters.
+    "nano": dict(in_channels=1, num_classes=10, image_size=28, channels=24, pool=2, readout_grid=4),
+    # CIFAR-10, at most 170,000 real parameters.
+    "cifar_small": dict(
+        in_channels=3,
+        num_classes=10,
+        image_size=32,
+        channels=64,
+        pool=2,
+        readout_grid=4,
+        phase_features=True,
+    ),
+    # A tiny model for tests and smoke runs.
+    "tiny": dict(in_channels=1, num_classes=10, image_size=8, channels=4, pool=1, readout_grid=2),
+}
+
+
+def make_model(preset: str | None = None, *, key: PRNGKeyArray, **overrides) -> FieldClassifier:
+    """Build a `FieldClassifier` from a named preset (`nano`, `cifar_small`, `tiny`) with
+    keyword overrides."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose from {sorted(PRESETS)}.")
+    kwargs = dict(PRESETS.get(preset, {}))
+    kwargs.update(overrides)
+    return FieldClassifier(key=key, **kwargs)
+
+
+def num_failed(result: RESULTS):
+    return jnp.sum(result != RESULTS.successful)

@@ -1,0 +1,468 @@
+"""Training, evaluation and checkpoint loading for the image classifiers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ._adjoint import (
+    ImplicitAdjoint,
+    JacobianFreeAdjoint,
+    PhantomAdjoint,
+    UnrolledAdjoint,
+    backward_stats_probe,
+)
+from ._checkpoint import load_checkpoint, read_meta, save_checkpoint
+from ._complex_opt import complex_safe
+from ._model import FieldClassifier, count_params, make_model, param_summary
+from ._solution import RESULTS
+from ._solver import Anderson, Naive
+from .data import ArrayDataset, augment, load_dataset
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks from a config
+
+
+def build_solver(cfg) -> Any:
+    """`{"name": "anderson" | "naive" | "multigrid", **hyperparameters}` -> a solver.
+
+    Keys set to `None` are dropped (so an override `solver.history=None` removes one)."""
+    cfg = {k: v for k, v in dict(cfg).items() if v is not None}
+    name = cfg.pop("name")
+    if name == "anderson":
+        return Anderson(**cfg)
+    if name == "naive":
+        return Naive(**cfg)
+    if name == "multigrid":
+        from ._solver.multigrid import Multigrid
+
+        return Multigrid(**cfg)
+    raise ValueError(f"Unknown solver {name!r}: use 'anderson', 'naive' or 'multigrid'.")
+
+
+def build_adjoint(cfg) -> Any:
+    """`{"name": "implicit" | "phantom" | "jfb" | "unrolled", **hyperparameters}`."""
+    cfg = {k: v for k, v in dict(cfg).items() if v is not None}
+    name = cfg.pop("name")
+    if name == "implicit":
+        if "solver" in cfg:
+            cfg["solver"] = build_solver(cfg["solver"])
+        return ImplicitAdjoint(**cfg)
+    if name == "phantom":
+        return PhantomAdjoint(**cfg)
+    if name == "jfb":
+        return JacobianFreeAdjoint(**cfg)
+    if name == "unrolled":
+        return UnrolledAdjoint(**cfg)
+    raise ValueError(f"Unknown adjoint {name!r}: use 'implicit', 'phantom', 'jfb', 'unrolled'.")
+
+
+def _plain(cfg) -> dict:
+    return cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+
+
+def build_model(config, *, key) -> FieldClassifier:
+    """The model described by `config.model`, `config.solver` and `config.adjoint`."""
+    model_cfg = _plain(config.model)
+    preset = model_cfg.pop("preset", None)
+    return make_model(
+        preset,
+        key=key,
+        solver=build_solver(_plain(config.solver)),
+        adjoint=build_adjoint(_plain(config.adjoint)),
+        **model_cfg,
+    )
+
+
+def build_optimizer(config, steps_per_epoch: int):
+    o = config.optim
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = min(int(o.warmup_epochs * steps_per_epoch), total - 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=o.lr * 1e-2,
+        peak_value=o.lr,
+        warmup_steps=max(warmup, 1),
+        decay_steps=total,
+        end_value=o.lr * o.get("final_lr_ratio", 1e-2),
+    )
+    opt = optax.chain(
+        optax.clip_by_global_norm(o.clip),
+        optax.adamw(schedule, weight_decay=o.weight_decay),
+    )
+    return complex_safe(opt), schedule
+
+
+def synthetic_dataset(
+    n: int, *, image_size: int = 8, channels: int = 1, num_classes: int = 10, seed: int = 0
+) -> ArrayDataset:
+    """A small learnable dataset for smoke runs: a class-dependent pattern plus noise."""
+    rng = np.random.default_rng(seed)
+    protos = rng.uniform(0, 255, (num_classes, image_size, image_size, channels))
+    labels = rng.integers(0, num_classes, n).astype(np.int32)
+    noise = rng.normal(0, 60, (n, image_size, image_size, channels))
+    images = np.clip(protos[labels] + noise, 0, 255).astype(np.uint8)
+    names = tuple(str(i) for i in range(num_classes))
+    return ArrayDataset(images, labels, names, (0.5,) * channels, (0.25,) * channels, "synthetic")
+
+
+def load_data(config, split: str) -> ArrayDataset:
+    d = config.data
+    if d.name == "synthetic":
+        n = d.get("train_size", 256) if split == "train" else d.get("test_size", 128)
+        return synthetic_dataset(
+            n, image_size=d.get("image_size", 8), seed=0 if split == "train" else 1
+        )
+    ds = load_dataset(d.name, split, data_dir=d.get("data_dir"), source=d.get("source", "auto"))
+    limit = d.get(f"{split}_size")
+    return ds.subset(limit) if limit else ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def _forward(model: FieldClassifier, x, probe):
+    return jax.vmap(lambda xi: model(xi, stats_probe=probe))(x)
+
+
+def _metrics(logits, labels, sol):
+    return dict(
+        acc=jnp.mean(jnp.argmax(logits, -1) == labels),
+        fwd_steps=jnp.mean(sol.stats.num_steps.astype(jnp.float32)),
+        fwd_residual=jnp.mean(sol.stats.relative_residual),
+        fwd_failed=jnp.mean((sol.result != RESULTS.successful).astype(jnp.float32)),
+    )
+
+
+def make_train_step(optimizer, augment_data: bool):
+    @eqx.filter_jit(donate="all-except-first")
+    def train_step(key, model, opt_state, images, labels):
+        x = images
+        if augment_data:
+            x = augment(key, x)
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+
+        def loss_fn(diff):
+            params, probe = diff
+            m = eqx.combine(params, static)
+            logits, sol = _forward(m, x, probe)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, _metrics(logits, labels, sol)
+
+        (loss, metrics), (grads, probe_grad) = jax.value_and_grad(loss_fn, has_aux=True)(
+            (params, backward_stats_probe())
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        model = eqx.apply_updates(model, updates)
+        n = x.shape[0]
+        metrics = dict(
+            metrics,
+            loss=loss,
+            bwd_steps=probe_grad[0] / n,
+            bwd_residual=probe_grad[1] / n,
+            bwd_failed=probe_grad[2] / n,
+            grad_norm=optax.global_norm(grads),
+        )
+        return model, opt_state, metrics
+
+    return train_step
+
+
+@eqx.filter_jit
+def eval_step(model, images, labels):
+    logits, sol = _forward(model, images, None)
+    pred = jnp.argmax(logits, -1)
+    return dict(
+        correct=jnp.sum(pred == labels),
+        steps=jnp.sum(sol.stats.num_steps),
+        residual=jnp.sum(sol.stats.relative_residual),
+        failed=jnp.sum(sol.result != RESULTS.successful),
+        pred=pred,
+    )
+
+
+def evaluate(model, dataset: ArrayDataset, *, batch_size: int = 500, sharding=None) -> dict:
+    """Accuracy, mean forward solver steps and relative residual, and confusion matrix."""
+    k = dataset.num_classes
+    conf = np.zeros((k, k), np.int64)
+    totals = dict(correct=0, steps=0.0, residual=0.0, failed=0)
+    n = 0
+    for images, labels in dataset.batches(
+        batch_size, seed=0, epoch=0, shuffle=False, drop_last=False
+    ):
+        x = dataset.normalize(images)
+        if sharding is not None and len(images) % sharding.mesh.size == 0:
+            x = jax.device_put(x, sharding)
+        out = eval_step(model, x, jnp.asarray(labels))
+        for name in totals:
+            totals[name] += float(out[name])
+        np.add.at(conf, (labels, np.asarray(out["pred"])), 1)
+        n += len(labels)
+    return dict(
+        accuracy=totals["correct"] / n,
+        mean_steps=totals["steps"] / n,
+        mean_residual=totals["residual"] / n,
+        failed=int(totals["failed"]),
+        n=n,
+        confusion=conf.tolist(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+
+
+def _mesh():
+    devices = np.array(jax.devices())
+    return Mesh(devices, ("data",))
+
+
+def _host_batch_to_global(x, sharding):
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    # Multi-host: every process holds the same global batch; each contributes its slice.
+    per = x.shape[0] // jax.process_count()
+    local = x[jax.process_index() * per : (jax.process_index() + 1) * per]
+    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+
+
+class _Interrupt:
+    """Turn SIGTERM into a clean stop at the next step boundary."""
+
+    def __init__(self):
+        self.flag = False
+
+    def __enter__(self):
+        self.old = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def _handler(self, *_):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.old)
+
+
+def _ckpt_meta(config, **extra) -> dict:
+    return dict(config=config.to_dict(), **extra)
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    stop_after_steps: int | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """Train `config` in `workdir`, resuming from `workdir/checkpoints/last.eqx` if present.
+
+    Writes `metrics.jsonl` (per step), `eval.jsonl` (per epoch) and checkpoints `last`,
+    `best` and `epoch_NNN` (each with a JSON of the config and progress). Stops after
+    `stop_after_steps` global steps if given (as if killed after a checkpoint), or on
+    SIGTERM/Ctrl-C after saving. Returns a summary dict.
+    """
+    workdir = Path(workdir)
+    ckdir = workdir / "checkpoints"
+    workdir.mkdir(parents=True, exist_ok=True)
+    if progress is None:
+        progress = sys.stderr.isatty()
+
+    train_ds = load_data(config, "train")
+    test_ds = load_data(config, "test")
+    bs = config.batch_size
+    n_dev = jax.device_count()
+    if bs % n_dev:
+        raise ValueError(f"batch_size {bs} must be divisible by the {n_dev} devices.")
+    steps_per_epoch = train_ds.num_batches(bs)
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {bs} exceeds the {len(train_ds)} training examples.")
+
+    key = jr.PRNGKey(config.seed)
+    model_key, aug_key = jr.split(key)
+    model = build_model(config, key=model_key)
+    optimizer, schedule = build_optimizer(config, steps_per_epoch)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    state = dict(epoch=0, batch=0, step=0, best_acc=-1.0)
+
+    last = ckdir / "last.eqx"
+    if last.exists():
+        meta = read_meta(last)
+        if meta["config"].get("model") != config.model.to_dict():
+            raise ValueError(
+                f"The checkpoint in {ckdir} was trained with a different model config "
+                f"({meta['config'].get('model')}) than the one given ({config.model.to_dict()}). "
+                "Use a new --workdir or the original config."
+            )
+        model, opt_state = load_checkpoint(last, (model, opt_state))
+        state = {k: meta[k] for k in state}
+        print(f"Resumed from {last} at epoch {state['epoch']} step {state['step']}.", flush=True)
+    else:
+        print(param_summary(model), flush=True)
+        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    mesh = _mesh()
+    data_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    model, opt_state = eqx.filter_shard((model, opt_state), replicated)
+    train_step = make_train_step(optimizer, bool(config.data.get("augment", False)))
+
+    def save(path, **extra):
+        save_checkpoint(
+            path,
+            (model, opt_state),
+            _ckpt_meta(config, **state, num_params=count_params(model), **extra),
+        )
+
+    log = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
+    eval_log = open(workdir / "eval.jsonl", "a")  # noqa: SIM115
+    ckpt_every = config.get("checkpoint_every_steps", 0)
+    stopped = False
+    summary: dict = {}
+    try:
+        with _Interrupt() as interrupt:
+            while state["epoch"] < config.epochs and not stopped:
+                epoch = state["epoch"]
+                t_epoch = time.time()
+                bar = None
+                if progress:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=steps_per_epoch, initial=state["batch"], desc=f"epoch {epoch}")
+                batches = train_ds.batches(
+                    bs, seed=config.seed, epoch=epoch, start_batch=state["batch"]
+                )
+                for images, labels in batches:
+                    t0 = time.time()
+                    x = _host_batch_to_global(np.asarray(train_ds.normalize(images)), data_sharding)
+                    y = _host_batch_to_global(labels, data_sharding)
+                    step_key = jr.fold_in(aug_key, state["step"])
+                    model, opt_state, m = train_step(step_key, model, opt_state, x, y)
+                    m = {k: float(v) for k, v in m.items()}
+                    m.update(
+                        step=state["step"],
+                        epoch=epoch,
+                        step_time=time.time() - t0,
+                        lr=float(schedule(state["step"])),
+                    )
+                    log.write(json.dumps(m) + "\n")
+                    state["step"] += 1
+                    state["batch"] += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(
+                            loss=f"{m['loss']:.3f}",
+                            acc=f"{m['acc']:.3f}",
+                            fwd=f"{m['fwd_steps']:.1f}",
+                            bwd=f"{m['bwd_steps']:.1f}",
+                        )
+                    elif state["step"] % config.get("log_every", 50) == 0:
+                        print(
+                            f"epoch {epoch} step {state['step']} loss {m['loss']:.4f} "
+                            f"acc {m['acc']:.3f} fwd {m['fwd_steps']:.1f} bwd {m['bwd_steps']:.1f} "
+                            f"{m['step_time']:.3f}s",
+                            flush=True,
+                        )
+                    if not math.isfinite(m["loss"]):
+                        raise FloatingPointError(
+                            f"Loss became {m['loss']} at step {state['step']}."
+                        )
+                    if ckpt_every and state["step"] % ckpt_every == 0:
+                        log.flush()
+                        save(last)
+                    if interrupt.flag or (
+                        stop_after_steps is not None and state["step"] >= stop_after_steps
+                    ):
+                        stopped = True
+                        break
+                if bar is not None:
+                    bar.close()
+                if stopped:
+                    log.flush()
+                    save(last)
+                    break
+                epoch_time = time.time() - t_epoch
+                ev = evaluate(
+                    model,
+                    test_ds,
+                    batch_size=config.get("eval_batch_size", 500),
+                    sharding=data_sharding,
+                )
+                ev_row = dict(
+                    epoch=epoch,
+                    step=state["step"],
+                    epoch_time=epoch_time,
+                    **{k: v for k, v in ev.items() if k != "confusion"},
+                )
+                eval_log.write(json.dumps(ev_row) + "\n")
+                eval_log.flush()
+                log.flush()
+                print(
+                    f"epoch {epoch}: test acc {ev['accuracy']:.4f}, "
+                    f"mean steps {ev['mean_steps']:.1f}, epoch time {epoch_time:.0f}s",
+                    flush=True,
+                )
+                state["epoch"] += 1
+                state["batch"] = 0
+                improved = ev["accuracy"] > state["best_acc"]
+                if improved:
+                    state["best_acc"] = ev["accuracy"]
+                save(ckdir / f"epoch_{epoch:03d}.eqx", test_accuracy=ev["accuracy"])
+                if improved:
+                    save(ckdir / "best.eqx", test_accuracy=ev["accuracy"])
+                save(last, test_accuracy=ev["accuracy"])
+                summary = dict(ev_row)
+    except KeyboardInterrupt:
+        save(last)
+        print(f"Interrupted: saved {last} at step {state['step']}.", flush=True)
+        raise
+    finally:
+        log.close()
+        eval_log.close()
+    summary.update(state=state, model=model)
+    return summary
+
+
+def load_model(path: str | os.PathLike, *, with_meta: bool = False):
+    """Rebuild a trained model from a checkpoint written by `train` (one call).
+
+    `path` is a `.eqx` checkpoint (with its `.json` beside it) or a training workdir (its best
+    checkpoint is used). Returns the model, or `(model, meta)` with `with_meta=True`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for cand in (path / "checkpoints" / "best.eqx", path / "best.eqx", path / "last.eqx"):
+            if cand.exists():
+                path = cand
+                break
+    meta = read_meta(path)
+    config = ml_collections.ConfigDict(meta["config"])
+    model = build_model(config, key=jr.PRNGKey(0))
+    optimizer, _ = build_optimizer(config, 1)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    try:
+        model, _ = load_checkpoint(path, (model, opt_state))
+    except ValueError:
+        # Model-only checkpoints (e.g. the shipped one) hold just the model.
+        model = load_checkpoint(path, model)
+    return (model, meta) if with_meta else model
+
+
+def export_model(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Write a model-only copy of checkpoint `src` (no optimiser state) to `dst`."""
+    model, meta = load_model(src, with_meta=True)
+    save_checkpoint(dst, model, meta)

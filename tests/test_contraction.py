@@ -1,0 +1,74 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fractal_field._contraction import ContractiveToroidalConv
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _dense_norm(conv, h, w):
+    n = conv.in_channels * h * w
+    basis = jnp.eye(n, dtype=jnp.complex128).reshape(n, conv.in_channels, h, w)
+    cols = eqx.filter_jit(jax.vmap(lambda c, e: c(e, impl="direct").reshape(-1), (None, 0)))(
+        conv, basis
+    )
+    return np.linalg.svd(np.asarray(cols).T, compute_uv=False)[0]
+
+
+def _contractive(gamma, norm_grid, seed=0, scale=1.0, **kwargs):
+    # eval_shape: structure only (no slow eager init), then an explicit random complex weight.
+    cc = eqx.filter_eval_shape(
+        ContractiveToroidalConv,
+        2,
+        3,
+        3,
+        (1, 2),
+        gamma=gamma,
+        norm_grid=norm_grid,
+        dtype=jnp.complex128,
+        key=jax.random.PRNGKey(0),
+        **kwargs,
+    )
+    rng = np.random.default_rng(seed)
+    shape = cc.conv.weight.shape
+    weight = scale * (rng.standard_normal(shape) + 1j * rng.standard_normal(shape))
+    return eqx.tree_at(lambda c: c.conv.weight, cc, jnp.asarray(weight))
+
+
+def test_norm_at_most_gamma_dense():
+    gamma = 0.9
+    cc = _contractive(gamma, (8, 6))
+    assert float(cc.conv.operator_norm(8, 6)) > 1  # the raw kernel is not a contraction
+    normed = eqx.filter_jit(lambda c: c.normalised())(cc)
+    for h, w in [(8, 6), (4, 3), (2, 6), (1, 1)]:  # reference grid and sub-grids
+        dense = _dense_norm(normed, h, w)
+        assert dense <= gamma * (1 + 1e-12)
+        np.testing.assert_allclose(float(cc.lipschitz_bound(h, w)), dense, rtol=1e-10)
+    np.testing.assert_allclose(_dense_norm(normed, 8, 6), gamma, rtol=1e-10)
+    # Not a divisor of (8, 6): the figure differs but lipschitz_bound still gives it exactly.
+    np.testing.assert_allclose(
+        float(cc.lipschitz_bound(5, 7)), _dense_norm(normed, 5, 7), rtol=1e-10
+    )
+
+
+def test_small_kernel_unchanged_and_grad():
+    cc = _contractive(0.5, (6, 6), seed=1, scale=1e-3)
+    np.testing.assert_allclose(np.asarray(cc.normalised().weight), np.asarray(cc.conv.weight))
+    big = _contractive(0.5, (6, 6), seed=2)
+    z = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 6)) + 0j)
+    grads = eqx.filter_jit(eqx.filter_grad(lambda c: jnp.sum(jnp.abs(c(z)) ** 2)))(big)
+    assert bool(jnp.all(jnp.isfinite(grads.conv.weight)))
+
+
+def test_power_method():
+    cc = _contractive(0.8, (6, 6), seed=3, norm_method="power", power_iters=300)
+    np.testing.assert_allclose(float(cc.lipschitz_bound(6, 6)), 0.8, rtol=1e-6)
+    with pytest.raises(ValueError, match="norm_method"):
+        _contractive(0.8, (6, 6), norm_method="qr")

@@ -1,0 +1,236 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fractal_field._conv import ToroidalConv, spectrum
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    with jax.enable_x64(True):
+        yield
+
+
+@eqx.filter_jit
+def _apply(conv, z, impl):
+    return conv(z, impl=impl)
+
+
+@eqx.filter_jit
+def _apply_all(conv, z):
+    h, w = z.shape[1:]
+    outs = [conv(z, impl=impl) for impl in ("direct", "spectral", "auto")]
+    return outs + [conv.operator(h, w, impl=impl)(z) for impl in ("direct", "spectral")]
+
+
+def _crandn(rng, *shape):
+    return rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+
+
+def _reference(weight, dilations, z):
+    """Independent numpy reference: explicit taps with np.roll."""
+    d, cout, cin, k, _ = weight.shape
+    c = k // 2
+    out = np.zeros((cout,) + z.shape[1:], complex)
+    for j, r in enumerate(dilations):
+        for a in range(k):
+            for b in range(k):
+                shifted = np.roll(z, (-r * (a - c), -r * (b - c)), axis=(1, 2))
+                out += np.einsum("oi,ihw->ohw", weight[j, :, :, a, b], shifted)
+    return out
+
+
+def _dense(conv, h, w):
+    """The conv as a dense (cout h w) x (cin h w) matrix, column by column."""
+    n = conv.in_channels * h * w
+    basis = jnp.eye(n, dtype=conv.weight.dtype).reshape(n, conv.in_channels, h, w)
+    cols = eqx.filter_jit(jax.vmap(lambda e: conv(e, impl="direct").reshape(-1)))(basis)
+    return np.asarray(cols).T
+
+
+def _conv(cin, cout, k, dilations, seed=0):
+    # eval_shape: only the structure, no (slow to compile) eager initialisation.
+    conv = eqx.filter_eval_shape(
+        ToroidalConv, cin, cout, k, dilations, dtype=jnp.complex128, key=jax.random.PRNGKey(0)
+    )
+    rng = np.random.default_rng(seed)
+    return eqx.tree_at(lambda m: m.weight, conv, jnp.asarray(_crandn(rng, *conv.weight.shape)))
+
+
+@pytest.mark.parametrize(
+    "k,dilations,cin,cout,h,w",
+    [
+        (1, (1,), 2, 3, 5, 4),
+        (3, (1,), 3, 2, 6, 7),
+        (3, (1, 2, 4), 2, 2, 8, 8),
+        (5, (1, 3), 1, 4, 7, 5),
+        (3, (1, 2, 4), 2, 3, 3, 5),  # dilation*k larger than the grid: taps wrap
+        (5, (2,), 2, 2, 4, 9),
+    ],
+)
+def test_matches_reference(k, dilations, cin, cout, h, w):
+    conv = _conv(cin, cout, k, dilations)
+    z = _crandn(np.random.default_rng(1), cin, h, w)
+    ref = _reference(np.asarray(conv.weight), dilations, z)
+    for out in _apply_all(conv, jnp.asarray(z)):
+        assert out.shape == (cout, h, w)
+        np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_agreement_and_init():
+    conv = eqx.filter_jit(ToroidalConv)(16, 16, 3, (1, 2, 4), key=jax.random.PRNGKey(0))
+    z = jnp.asarray(_crandn(np.random.default_rng(0), 16, 28, 28), jnp.complex64)
+    d, s = _apply_all(conv, z)[:2]
+    assert d.dtype == s.dtype == jnp.complex64
+    assert jnp.max(jnp.abs(d - s)) < 1e-4 * jnp.max(jnp.abs(d))
+    assert conv.weight.dtype == jnp.complex64
+    weight = np.asarray(conv.weight)
+    var = np.mean(np.abs(weight) ** 2)
+    assert abs(var - 2 / (27 * 32)) / (2 / (27 * 32)) < 0.05
+    phase = np.angle(weight)
+    assert abs(np.mean(np.cos(phase))) < 0.05 and abs(np.mean(np.sin(phase))) < 0.05
+
+
+def test_real_input_promoted():
+    conv = _conv(2, 2, 3, (1,))
+    x = np.random.default_rng(0).standard_normal((2, 5, 5))
+    out = _apply(conv, jnp.asarray(x), "auto")
+    assert jnp.iscomplexobj(out)
+    np.testing.assert_allclose(
+        np.asarray(out), _reference(np.asarray(conv.weight), (1,), x), atol=1e-10
+    )
+
+
+@pytest.mark.parametrize("impl", ["direct", "spectral"])
+def test_translation_equivariance(impl):
+    conv = _conv(2, 3, 3, (1, 2))
+    z = _crandn(np.random.default_rng(2), 2, 6, 9)
+    shift = (2, -3)
+    lhs = _apply(conv, jnp.asarray(np.roll(z, shift, axis=(1, 2))), impl)
+    rhs = np.roll(np.asarray(_apply(conv, z, impl)), shift, axis=(1, 2))
+    np.testing.assert_allclose(np.asarray(lhs), rhs, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", ["direct", "spectral"])
+def test_vjp_is_linear_transpose(impl):
+    conv = _conv(2, 3, 3, (1, 2))
+    rng = np.random.default_rng(3)
+    h, w = 5, 6
+    z = jnp.asarray(_crandn(rng, 2, h, w))
+    ct = jnp.asarray(_crandn(rng, 3, h, w))
+
+    def plain(weight, z):
+        return jnp.asarray(_reference_jnp(weight, conv.dilations, z))
+
+    def ours(weight, z):
+        return eqx.tree_at(lambda m: m.weight, conv, weight)(z, impl=impl)
+
+    @jax.jit
+    def both(weight, z, ct, zs, cts):
+        out, vjp = jax.vjp(ours, weight, z)
+        out_ref, vjp_ref = jax.vjp(plain, weight, z)
+        # Batched, as a DEQ uses it.
+        _, vjp_b = jax.vjp(lambda wt, zs: jax.vmap(lambda z: ours(wt, z))(zs), weight, zs)
+        return out, out_ref, vjp(ct), vjp_ref(ct), vjp_b(cts)
+
+    zs = jnp.stack([z, 2 * z])
+    cts = jnp.stack([ct, -ct])
+    out, out_ref, g, g_ref, (gw, gz) = both(conv.weight, z, ct, zs, cts)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), atol=1e-10)
+    for a, b in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-9)
+    np.testing.assert_allclose(np.asarray(gw), -np.asarray(g_ref[0]), atol=1e-9)
+    np.testing.assert_allclose(np.asarray(gz[1]), -np.asarray(g_ref[1]), atol=1e-9)
+
+
+def _reference_jnp(weight, dilations, z):
+    d, cout, cin, k, _ = weight.shape
+    c = k // 2
+    out = 0
+    for j, r in enumerate(dilations):
+        for a in range(k):
+            for b in range(k):
+                shifted = jnp.roll(z, (-r * (a - c), -r * (b - c)), axis=(1, 2))
+                out = out + jnp.einsum("oi,ihw->ohw", weight[j, :, :, a, b], shifted)
+    return out
+
+
+def test_grad_inside_while_loop():
+    conv = _conv(2, 2, 3, (1, 2), seed=4)
+    conv = eqx.tree_at(lambda m: m.weight, conv, conv.weight * 0.02)
+    z0 = jnp.asarray(_crandn(np.random.default_rng(4), 2, 6, 6))
+
+    def loss(conv, impl):
+        op = conv.operator(6, 6, impl=impl)
+        z = jax.lax.fori_loop(0, 5, lambda i, z: op(z) + z0, z0)
+        return jnp.sum(jnp.abs(z) ** 2)
+
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    gd = grad(conv, "direct").weight
+    gs = grad(conv, "spectral").weight
+    np.testing.assert_allclose(np.asarray(gd), np.asarray(gs), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "k,dilations,cin,cout,h,w", [(3, (1,), 2, 3, 4, 5), (3, (1, 2), 3, 2, 6, 6)]
+)
+def test_operator_norm_exact(k, dilations, cin, cout, h, w):
+    conv = _conv(cin, cout, k, dilations, seed=5)
+    dense = _dense(conv, h, w)
+    np.testing.assert_allclose(
+        np.asarray(
+            _reference(
+                np.asarray(conv.weight), dilations, np.eye(cin * h * w)[0].reshape(cin, h, w)
+            )
+        ).reshape(-1),
+        dense[:, 0],
+        atol=1e-10,
+    )
+    exact = np.linalg.svd(dense, compute_uv=False)[0]
+    np.testing.assert_allclose(float(eqx.filter_jit(conv.operator_norm)(h, w)), exact, rtol=1e-10)
+    est = float(eqx.filter_jit(conv.operator_norm_estimate)(h, w, iters=200))
+    assert est <= exact * (1 + 1e-10)
+    np.testing.assert_allclose(est, exact, rtol=1e-6)
+    # The reshaped-kernel matrix norm is only a lower bound.
+    flat = np.asarray(conv.weight).transpose(1, 0, 2, 3, 4).reshape(cout, -1)
+    assert np.linalg.norm(flat, 2) <= exact * (1 + 1e-10)
+
+
+def test_spectrum_is_fft_of_embedded_kernel():
+    conv = _conv(2, 2, 3, (1, 3), seed=6)
+    h, w = 5, 7
+    emb = np.zeros((2, 2, h, w), complex)
+    c = 1
+    for j, r in enumerate(conv.dilations):
+        for a in range(3):
+            for b in range(3):
+                emb[:, :, (-r * (a - c)) % h, (-r * (b - c)) % w] += np.asarray(conv.weight)[
+                    j, :, :, a, b
+                ]
+    np.testing.assert_allclose(
+        np.asarray(spectrum(conv.weight, conv.dilations, h, w)), np.fft.fft2(emb), atol=1e-10
+    )
+
+
+def test_bad_input():
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="odd"):
+        ToroidalConv(2, 2, 4, key=key)
+    with pytest.raises(ValueError, match="dilations"):
+        ToroidalConv(2, 2, 3, (0,), key=key)
+    with pytest.raises(ValueError, match="impl"):
+        ToroidalConv(2, 2, 3, impl="fft", key=key)
+    with pytest.raises(TypeError, match="complex"):
+        ToroidalConv(2, 2, 3, dtype=jnp.float32, key=key)
+    conv = eqx.filter_eval_shape(ToroidalConv, 2, 3, 3, key=key)
+    with pytest.raises(ValueError, match="shape"):
+        conv(np.zeros((1, 2, 5, 5), np.complex64))
+    with pytest.raises(ValueError, match="channels"):
+        conv(np.zeros((3, 5, 5), np.complex64))
+    with pytest.raises(TypeError, match="dtype"):
+        conv(np.zeros((2, 5, 5), np.int32))
+    op = eqx.filter_eval_shape(conv.operator, 5, 5)
+    with pytest.raises(ValueError, match="grid"):
+        eqx.filter_eval_shape(op, np.zeros((2, 6, 5), np.complex64))

@@ -1,0 +1,152 @@
+"""The fractal cell and the classifier models."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import fractal_field as ff
+
+
+def _to64(tree):
+    def cast(x):
+        if not eqx.is_inexact_array(x):
+            return x
+        return x.astype(jnp.complex128 if jnp.iscomplexobj(x) else jnp.float64)
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+@pytest.mark.parametrize(
+    "preset, limit, lower", [("nano", 20_000, 10_000), ("cifar_small", 170_000, 80_000)]
+)
+def test_preset_parameter_counts(preset, limit, lower):
+    model = ff.make_model(preset, key=jr.PRNGKey(0))
+    n = ff.count_params(model)
+    assert lower < n < limit
+    # A complex weight counts twice.
+    w = model.cell.conv.conv.weight
+    assert jnp.iscomplexobj(w)
+    assert f"{n:,}" in ff.param_summary(model)
+
+
+@pytest.mark.parametrize("activation", ["modrelu", "crelu", "phase_tanh"])
+def test_cell_is_certified_contraction_with_unique_fixed_point(activation):
+    key = jr.PRNGKey(1)
+    cell = ff.FractalCell(6, gamma=0.8, norm_grid=(8, 8), activation=activation, key=key)
+    # Make the raw kernel large so the normalisation is active.
+    cell = eqx.tree_at(lambda c: c.conv.conv.weight, cell, cell.conv.conv.weight * 10)
+    bound = float(cell.lipschitz_bound(8, 8))
+    assert bound < 1
+    # Empirical Lipschitz ratio never exceeds the certificate.
+    k1, k2, k3 = jr.split(jr.PRNGKey(2), 3)
+    inj = jr.normal(k1, (6, 8, 8), jnp.complex64)
+    za = jr.normal(k2, (16, 6, 8, 8), jnp.complex64)
+    zb = za + 0.1 * jr.normal(k3, (16, 6, 8, 8), jnp.complex64)
+    fa = jax.vmap(cell, (0, None))(za, inj)
+    fb = jax.vmap(cell, (0, None))(zb, inj)
+    ratio = jnp.linalg.norm((fa - fb).reshape(16, -1), axis=1) / jnp.linalg.norm(
+        (za - zb).reshape(16, -1), axis=1
+    )
+    assert float(ratio.max()) <= bound + 1e-5
+    # Random starts reach the same fixed point with plain iteration.
+    starts = 5 * jr.normal(jr.PRNGKey(3), (4, 6, 8, 8), jnp.complex64)
+    sols = jax.vmap(
+        lambda z0: ff.fixed_point(
+            cell, z0, inj, solver=ff.Naive(), max_steps=500, rtol=1e-6, atol=0
+        )
+    )(starts)
+    assert bool(jnp.all(sols.result == ff.RESULTS.successful))
+    spread = jnp.max(jnp.abs(sols.value - sols.value[0]))
+    assert float(spread) < 1e-4 * float(jnp.max(jnp.abs(sols.value[0])) + 1)
+
+
+def test_cell_is_resolution_agnostic_and_equivariant():
+    cell = ff.FractalCell(4, norm_grid=(8, 8), key=jr.PRNGKey(0))
+    for h, w in [(8, 8), (4, 4), (6, 10)]:
+        z = jr.normal(jr.PRNGKey(h), (4, h, w), jnp.complex64)
+        x = jr.normal(jr.PRNGKey(w), (4, h, w), jnp.complex64)
+        out = cell(z, x)
+        assert out.shape == z.shape and out.dtype == z.dtype
+        shifted = cell(jnp.roll(z, (1, 2), (1, 2)), jnp.roll(x, (1, 2), (1, 2)))
+        np.testing.assert_allclose(shifted, jnp.roll(out, (1, 2), (1, 2)), atol=1e-5)
+
+
+def test_model_forward_jit_vmap_and_stats():
+    model = ff.make_model("tiny", key=jr.PRNGKey(0))
+    x = jr.normal(jr.PRNGKey(1), (5, 1, 8, 8))
+    logits, sol = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))(model, x)
+    assert logits.shape == (5, 10) and bool(jnp.all(jnp.isfinite(logits)))
+    assert sol.stats.num_steps.shape == (5,)
+    assert bool(jnp.all(sol.result == ff.RESULTS.successful))
+    # Per-sample: each equals the unbatched call.
+    l0, s0 = model(x[0])
+    np.testing.assert_allclose(l0, logits[0], rtol=1e-4, atol=1e-5)
+    assert int(s0.stats.num_steps) == int(sol.stats.num_steps[0])
+
+
+def test_multigrid_and_anderson_models_agree():
+    model = ff.make_model("tiny", key=jr.PRNGKey(0), rtol=1e-6, max_steps=200)
+    x = jr.normal(jr.PRNGKey(1), (1, 8, 8))
+    la, sa = model(x)
+    lm, sm = model(x, solver=ff.Multigrid(levels=2))
+    assert sm.result == ff.RESULTS.successful
+    np.testing.assert_allclose(la, lm, rtol=1e-3, atol=1e-4)
+
+
+def test_bad_image_shape_is_a_clear_error():
+    model = ff.make_model("tiny", key=jr.PRNGKey(0))
+    with pytest.raises(ValueError, match="unbatched"):
+        model(jnp.zeros((2, 1, 8, 8)))
+
+
+def test_whole_model_gradient_matches_finite_differences():
+    with jax.enable_x64(True):
+        model = ff.make_model(
+            "tiny",
+            key=jr.PRNGKey(0),
+            rtol=1e-12,
+            atol=0.0,
+            max_steps=300,
+            learn_alpha=True,
+            adjoint=ff.ImplicitAdjoint(rtol=1e-12, atol=0.0, max_steps=300),
+        )
+        model = _to64(model)
+        x = jr.normal(jr.PRNGKey(1), (2, 1, 8, 8), jnp.float64)
+        y = jnp.array([3, 7])
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+
+        def loss(p):
+            m = eqx.combine(p, static)
+            logits, _ = jax.vmap(m)(x)
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), y])
+
+        grads = jax.jit(jax.grad(loss))(params)
+        jloss = jax.jit(loss)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        gleaves = jax.tree_util.tree_leaves(grads)
+        rng = np.random.default_rng(0)
+        eps = 1e-6
+        checked = 0
+        for i, (p, g) in enumerate(zip(leaves, gleaves, strict=True)):
+            flat = np.asarray(p).reshape(-1)
+            for j in rng.choice(flat.size, size=min(2, flat.size), replace=False):
+                directions = [1.0, 1j] if np.iscomplexobj(flat) else [1.0]
+                for d in directions:
+
+                    def shifted(s, i=i, j=j, d=d, flat=flat, p=p):
+                        new = flat.copy()
+                        new[j] += s * d
+                        ls = list(leaves)
+                        ls[i] = jnp.asarray(new.reshape(np.shape(p)))
+                        return float(jloss(jax.tree_util.tree_unflatten(treedef, ls)))
+
+                    fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
+                    gj = np.asarray(g).reshape(-1)[j]
+                    # JAX convention: grad = dL/dRe - i dL/dIm.
+                    an = np.real(gj) if d == 1.0 else -np.imag(gj)
+                    np.testing.assert_allclose(an, fd, rtol=1e-4, atol=1e-7)
+                    checked += 1
+        assert checked >= 10

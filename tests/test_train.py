@@ -1,0 +1,167 @@
+"""Training: smoke run, kill-and-resume, atomic checkpoints, sharding, config errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fractal_field as ff
+from fractal_field._checkpoint import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "mnist_nano.py") + ":smoke"
+
+
+def _params(model):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))]
+
+
+def _steps(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_training_loss_falls(tmp_path):
+    config = ff.load_config(SMOKE, ["epochs=3"])
+    summary = ff.train(config, tmp_path)
+    rows = _steps(tmp_path)
+    assert len(rows) == 3 * (256 // 32)
+    first = np.mean([r["loss"] for r in rows[:4]])
+    last = np.mean([r["loss"] for r in rows[-4:]])
+    assert last < 0.7 * first, (first, last)
+    for key in ("fwd_steps", "fwd_residual", "bwd_steps", "step_time", "acc", "lr"):
+        assert key in rows[0]
+    assert rows[-1]["bwd_steps"] > 0
+    evals = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert len(evals) == 3 and evals[-1]["accuracy"] > 0.3
+    ckdir = tmp_path / "checkpoints"
+    for name in ("last.eqx", "best.eqx", "epoch_000.eqx", "epoch_002.eqx"):
+        assert (ckdir / name).exists() and (ckdir / (name + ".json")).exists()
+    # One-call loading rebuilds the same model.
+    loaded = ff.load_model(ckdir / "last.eqx")
+    for a, b in zip(_params(loaded), _params(summary["model"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    config = ff.load_config(SMOKE, ["epochs=2"])
+    full = ff.train(config, tmp_path / "full")
+    # Stopped mid-epoch (step 6 of 8; the stop checkpoints), then resumed.
+    ff.train(config, tmp_path / "split", stop_after_steps=6)
+    meta = json.loads((tmp_path / "split/checkpoints/last.eqx.json").read_text())
+    assert meta["step"] == 6 and meta["epoch"] == 0 and meta["batch"] == 6
+    resumed = ff.train(config, tmp_path / "split")
+    assert resumed["state"]["step"] == full["state"]["step"] == 16
+    for a, b in zip(_params(resumed["model"]), _params(full["model"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_after_hard_kill_loses_only_uncheckpointed_steps(tmp_path):
+    """A process killed with SIGKILL resumes from its last periodic checkpoint."""
+    code = (
+        "import fractal_field as ff, os, signal\n"
+        f"c = ff.load_config({SMOKE!r}, ['epochs=2'])\n"
+        "import fractal_field._train as t\n"
+        "orig = t.save_checkpoint\n"
+        "def save(path, tree, meta):\n"
+        "    orig(path, tree, meta)\n"
+        "    if meta['step'] == 8: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "t.save_checkpoint = save\n"
+        f"ff.train(c, {str(tmp_path / 'run')!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
+    assert proc.returncode != 0
+    meta = json.loads((tmp_path / "run/checkpoints/last.eqx.json").read_text())
+    assert meta["step"] == 8
+    config = ff.load_config(SMOKE, ["epochs=2"])
+    resumed = ff.train(config, tmp_path / "run")
+    full = ff.train(config, tmp_path / "full")
+    for a, b in zip(_params(resumed["model"]), _params(full["model"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_atomic_checkpoint_write_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "ck.eqx"
+    good = {"w": jnp.arange(4.0)}
+    save_checkpoint(path, good, {"step": 1})
+    before = path.read_bytes()
+
+    def boom(f, tree):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(eqx, "tree_serialise_leaves", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"w": jnp.ones(4)}, {"step": 2})
+    assert path.read_bytes() == before
+    assert json.loads((tmp_path / "ck.eqx.json").read_text())["step"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
+    config = ff.load_config(SMOKE, ["epochs=1"])
+    ff.train(config, tmp_path, stop_after_steps=2)
+    other = ff.load_config(SMOKE, ["epochs=1", "model.channels=6"])
+    with pytest.raises(ValueError, match="different model config"):
+        ff.train(other, tmp_path)
+    # A corrupt array file is reported as such.
+    (tmp_path / "checkpoints/last.eqx").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="incompatible config or corrupt"):
+        ff.load_model(tmp_path / "checkpoints/last.eqx")
+
+
+def test_missing_checkpoint_and_bad_override():
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        ff.load_model("/nonexistent/ck.eqx")
+    with pytest.raises(KeyError, match="unknown key"):
+        ff.load_config(SMOKE, ["optim.lrr=1"])
+
+
+SHARD_CODE = r"""
+import os, json, sys
+import jax, jax.numpy as jnp, numpy as np, equinox as eqx, jax.random as jr
+import fractal_field as ff
+from fractal_field._train import build_model, build_optimizer, make_train_step
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+config = ff.load_config(sys.argv[1])
+model = build_model(config, key=jr.PRNGKey(0))
+opt, _ = build_optimizer(config, 8)
+state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.normal(size=(8, 1, 8, 8)), jnp.float32)
+y = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
+step = make_train_step(opt, False)
+m1, _, met1 = step(jr.PRNGKey(1), model, state, x, y)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+ys = jax.device_put(y, NamedSharding(mesh, P("data")))
+model2 = build_model(config, key=jr.PRNGKey(0))
+state2 = opt.init(eqx.filter(model2, eqx.is_inexact_array))
+m2, _, met2 = step(jr.PRNGKey(1), model2, state2, xs, ys)
+assert len(xs.sharding.device_set) == jax.device_count()
+diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+    jax.tree_util.tree_leaves(eqx.filter(m1, eqx.is_array)),
+    jax.tree_util.tree_leaves(eqx.filter(m2, eqx.is_array))))
+print(json.dumps(dict(devices=jax.device_count(), diff=diff,
+                      loss1=float(met1["loss"]), loss2=float(met2["loss"]))))
+"""
+
+
+def test_sharded_step_equals_single_device(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_CODE)
+    proc = subprocess.run(
+        [sys.executable, str(script), SMOKE], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4
+    assert abs(out["loss1"] - out["loss2"]) < 1e-5
+    assert out["diff"] < 1e-5
