@@ -838,6 +838,12 @@ def torch_case(lib: str, data: dict, ref: dict, repeats: int) -> dict:
             zs, info = deq(func, z0, solver_kwargs=skw)
         return zs[-1], info
 
+    bwd_stat = {}
+
+    def bwd_writer(info):
+        bwd_stat["steps"] = int(info["nstep"].max().item())
+        bwd_stat["abs"] = float(info["abs_lowest"].max().item())
+
     def train_step():
         cache.clear()
         if kind == "B":
@@ -845,7 +851,7 @@ def torch_case(lib: str, data: dict, ref: dict, repeats: int) -> dict:
         for p in params:
             p.grad = None
         deq.train()
-        zs, info = deq(func, z0, solver_kwargs=skw)
+        zs, info = deq(func, z0, solver_kwargs=skw, backward_writer=bwd_writer)
         loss = (zs[-1] ** 2).sum() / n_state(data)
         loss.backward()
         return loss.detach(), info
@@ -880,6 +886,9 @@ def torch_case(lib: str, data: dict, ref: dict, repeats: int) -> dict:
         fwd_iters=fwd_evals,
         bwd_iters=bwd_vjps,
         lib_steps=int(info["nstep"].max().item()),
+        torchdeq_bwd_steps=bwd_stat.get("steps"),
+        torchdeq_bwd_abs=bwd_stat.get("abs"),
+        torchdeq_bwd_tol=batol,
         converged=bool(rel < RTOL),
         loss=float(lval),
         notes=notes,

@@ -32,7 +32,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.batch_size = 32
         c.eval_batch_size = 64
         c.epochs = 2
-        c.optim.lr = 1e-2
+        c.optim.lr = 5e-2
         c.checkpoint_every_steps = 4
         c.log_every = 4
     elif variant:

@@ -92,12 +92,12 @@ def build_model(config, *, key) -> FieldClassifier:
 def build_optimizer(config, steps_per_epoch: int):
     o = config.optim
     total = max(1, config.epochs * steps_per_epoch)
-    warmup = min(int(o.warmup_epochs * steps_per_epoch), total - 1)
+    warmup = max(1, min(int(o.warmup_epochs * steps_per_epoch), total - 1))
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=o.lr * 1e-2,
         peak_value=o.lr,
-        warmup_steps=max(warmup, 1),
-        decay_steps=total,
+        warmup_steps=warmup,
+        decay_steps=max(total, warmup + 2),
         end_value=o.lr * o.get("final_lr_ratio", 1e-2),
     )
     opt = optax.chain(
@@ -111,10 +111,13 @@ def synthetic_dataset(
     n: int, *, image_size: int = 8, channels: int = 1, num_classes: int = 10, seed: int = 0
 ) -> ArrayDataset:
     """A small learnable dataset for smoke runs: a class-dependent pattern plus noise."""
+    # The class prototypes are shared by every split; `seed` draws the examples.
+    protos = np.random.default_rng(1234).uniform(
+        0, 255, (num_classes, image_size, image_size, channels)
+    )
     rng = np.random.default_rng(seed)
-    protos = rng.uniform(0, 255, (num_classes, image_size, image_size, channels))
     labels = rng.integers(0, num_classes, n).astype(np.int32)
-    noise = rng.normal(0, 60, (n, image_size, image_size, channels))
+    noise = rng.normal(0, 40, (n, image_size, image_size, channels))
     images = np.clip(protos[labels] + noise, 0, 255).astype(np.uint8)
     names = tuple(str(i) for i in range(num_classes))
     return ArrayDataset(images, labels, names, (0.5,) * channels, (0.25,) * channels, "synthetic")
@@ -176,7 +179,7 @@ def make_train_step(optimizer, augment_data: bool):
             bwd_steps=probe_grad[0] / n,
             bwd_residual=probe_grad[1] / n,
             bwd_failed=probe_grad[2] / n,
-            grad_norm=optax.global_norm(grads),
+            grad_norm=optax.tree.norm(grads),
         )
         return model, opt_state, metrics
 

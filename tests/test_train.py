@@ -28,10 +28,10 @@ def _steps(workdir):
 
 
 def test_smoke_training_loss_falls(tmp_path):
-    config = ff.load_config(SMOKE, ["epochs=3"])
+    config = ff.load_config(SMOKE, ["epochs=6"])
     summary = ff.train(config, tmp_path)
     rows = _steps(tmp_path)
-    assert len(rows) == 3 * (256 // 32)
+    assert len(rows) == 6 * (256 // 32)
     first = np.mean([r["loss"] for r in rows[:4]])
     last = np.mean([r["loss"] for r in rows[-4:]])
     assert last < 0.7 * first, (first, last)
@@ -39,9 +39,9 @@ def test_smoke_training_loss_falls(tmp_path):
         assert key in rows[0]
     assert rows[-1]["bwd_steps"] > 0
     evals = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
-    assert len(evals) == 3 and evals[-1]["accuracy"] > 0.3
+    assert len(evals) == 6 and evals[-1]["accuracy"] > 0.5
     ckdir = tmp_path / "checkpoints"
-    for name in ("last.eqx", "best.eqx", "epoch_000.eqx", "epoch_002.eqx"):
+    for name in ("last.eqx", "best.eqx", "epoch_000.eqx", "epoch_005.eqx"):
         assert (ckdir / name).exists() and (ckdir / (name + ".json")).exists()
     # One-call loading rebuilds the same model.
     loaded = ff.load_model(ckdir / "last.eqx")
