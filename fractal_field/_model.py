@@ -37,10 +37,16 @@ class Encoder(eqx.Module):
             raise ValueError(f"Encoder(phase={phase!r}) must be 'none' or 'learned'.")
         ckey, pkey = jr.split(key)
         self.conv = eqx.nn.Conv2d(
-            in_channels, 2 * channels, 3, padding=1, padding_mode="CIRCULAR", key=ckey
+            in_channels,
+            2 * channels,
+            3,
+            padding=1,
+            padding_mode="CIRCULAR",
+            dtype=jnp.float32,
+            key=ckey,
         )
         self.theta = (
-            jr.uniform(pkey, (channels,), minval=-math.pi, maxval=math.pi)
+            jr.uniform(pkey, (channels,), jnp.float32, -math.pi, math.pi)
             if (phase == "learned")
             else None
         )
@@ -53,7 +59,7 @@ class Encoder(eqx.Module):
                 f"Encoder expects one image of shape ({self.conv.in_channels}, H, W) "
                 f"(channels first, unbatched: vmap over a batch); got {x.shape}."
             )
-        h = self.conv(x)
+        h = self.conv(x.astype(self.conv.weight.dtype))
         if self.pool > 1:
             c, hh, ww = h.shape
             if hh % self.pool or ww % self.pool:
@@ -77,7 +83,7 @@ class Readout(eqx.Module):
         self, channels: int, num_classes: int, *, grid: int = 1, phase_features=False, key
     ):
         feats = channels * (3 if phase_features else 1) * grid * grid
-        self.linear = eqx.nn.Linear(feats, num_classes, key=key)
+        self.linear = eqx.nn.Linear(feats, num_classes, dtype=jnp.float32, key=key)
         self.grid = grid
         self.phase_features = phase_features
 
@@ -101,7 +107,7 @@ class Readout(eqx.Module):
             ],
             -2,
         )
-        return self.linear(pooled.reshape(-1))
+        return self.linear(pooled.reshape(-1).astype(self.linear.weight.dtype))
 
 
 class FieldClassifier(eqx.Module):

@@ -10,7 +10,13 @@ import pytest
 
 import fractal_field as ff
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture(autouse=True)
+def _x64():
+    """float64 for this module's tests only (a global switch would leak into other modules)."""
+    with jax.enable_x64(True):
+        yield
+
 
 # Compilation dominates on CPU: most tests use the cheap-to-compile Naive solver forward and
 # backward, and share cached jitted losses (`_compiled`) so the same program compiles once.

@@ -13,7 +13,13 @@ import pytest
 
 import fractal_field as ff
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture(autouse=True)
+def _x64():
+    """float64 for this module's tests only (a global switch would leak into other modules)."""
+    with jax.enable_x64(True):
+        yield
+
 
 DOTTIE = 0.739085133215160641655312087673873404013411758900757464965
 TIGHT = dict(rtol=0.0, atol=1e-12)
