@@ -22,6 +22,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; checkpoints are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

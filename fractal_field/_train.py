@@ -132,7 +132,8 @@ def load_data(config, split: str) -> ArrayDataset:
         )
     ds = load_dataset(d.name, split, data_dir=d.get("data_dir"), source=d.get("source", "auto"))
     limit = d.get(f"{split}_size")
-    return ds.subset(limit) if limit else ds
+    # A random (seeded) subset: files are often sorted by class.
+    return ds.subset(limit, seed=0) if limit else ds
 
 
 # ---------------------------------------------------------------------------------------------
