@@ -13,12 +13,9 @@ import pytest
 
 import fractal_field as ff
 
-
-@pytest.fixture(autouse=True)
-def _x64():
-    """float64 for this module's tests only (a global switch would leak into other modules)."""
-    with jax.enable_x64(True):
-        yield
+# The parametrisations below build float64 data at collection time, so float64 is switched on
+# for the whole process; the rest of the library is dtype-explicit and unaffected.
+jax.config.update("jax_enable_x64", True)
 
 
 DOTTIE = 0.739085133215160641655312087673873404013411758900757464965
