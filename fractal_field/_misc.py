@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, PyTree, Scalar
+from jaxtyping import PyTree, Scalar
 
 
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
@@ -14,10 +13,6 @@ def tree_sub(a: PyTree, b: PyTree) -> PyTree:
 
 def tree_add(a: PyTree, b: PyTree) -> PyTree:
     return jtu.tree_map(lambda x, y: x + y, a, b)
-
-
-def tree_scale(s, a: PyTree) -> PyTree:
-    return jtu.tree_map(lambda x: (s * x).astype(x.dtype), a)
 
 
 def tree_lerp(a: PyTree, b: PyTree, w) -> PyTree:
@@ -39,15 +34,6 @@ def tree_norm(a: PyTree) -> Scalar:
 
 def tree_where(pred, a: PyTree, b: PyTree) -> PyTree:
     return jtu.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
-
-
-def tree_zeros_like(a: PyTree) -> PyTree:
-    return jtu.tree_map(jnp.zeros_like, a)
-
-
-def tree_all_finite(a: PyTree) -> Array:
-    leaves = jtu.tree_leaves(a)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def real_dtype(dtype) -> jnp.dtype:
@@ -95,7 +81,3 @@ def check_inexact(z0: PyTree) -> None:
                 f"z0{jtu.keystr(path)} must be a floating-point or complex array, got "
                 f"{type(x).__name__} {getattr(x, 'dtype', '')}."
             )
-
-
-def is_complex_tree(tree: PyTree) -> bool:
-    return any(jnp.iscomplexobj(x) for x in jax.tree_util.tree_leaves(tree))

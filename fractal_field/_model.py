@@ -15,7 +15,7 @@ from jaxtyping import Array, Complex, Float, PRNGKeyArray
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._cell import FractalCell
 from ._fixed_point import fixed_point
-from ._solution import RESULTS, Solution
+from ._solution import Solution
 from ._solver import AbstractFixedPointSolver, Anderson
 
 
@@ -257,7 +257,3 @@ def make_model(preset: str | None = None, *, key: PRNGKeyArray, **overrides) -> 
     kwargs = dict(PRESETS.get(preset, {}))
     kwargs.update(overrides)
     return FieldClassifier(key=key, **kwargs)
-
-
-def num_failed(result: RESULTS):
-    return jnp.sum(result != RESULTS.successful)
