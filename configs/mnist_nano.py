@@ -11,7 +11,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data = dict(
-        name="mnist", data_dir=None, source="auto", augment=False, train_size=0, test_size=0
+        name="mnist",
+        data_dir=None,
+        source="auto",
+        # Random shifts of up to 2 pixels (no flips: digits are not mirror-symmetric).
+        augment=dict(padding=2, flip=False),
+        train_size=0,
+        test_size=0,
     )
     c.model = dict(preset="nano", max_steps=25, rtol=1e-3)
     c.solver = dict(name="anderson", history=5)
@@ -20,7 +26,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.adjoint = dict(name="jfb")
     c.batch_size = 128
     c.eval_batch_size = 1000
-    c.epochs = 6
+    c.epochs = 8
     c.optim = dict(lr=4e-3, warmup_epochs=0.3, weight_decay=1e-4, clip=1.0, final_lr_ratio=1e-2)
     c.checkpoint_every_steps = 200
     c.log_every = 50
@@ -35,6 +41,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.optim.lr = 5e-2
         c.checkpoint_every_steps = 4
         c.log_every = 4
+    elif variant == "long":
+        # The stretch run (a GPU, or a long CPU session): same model, a longer schedule.
+        c.epochs = 30
     elif variant:
-        raise ValueError(f"Unknown variant {variant!r} (use '' or 'smoke').")
+        raise ValueError(f"Unknown variant {variant!r} (use '', 'smoke' or 'long').")
     return c

@@ -343,7 +343,13 @@ def operator_norm_power(s: Complex[Array, "cout cin h w"], *, iters: int = 30) -
     m = _freq_major(s)
     ms = lax.stop_gradient(m)
     gram = jnp.einsum("foi,foj->fij", ms.conj(), ms)
-    v = jnp.ones(m.shape[:1] + m.shape[2:], m.dtype)
+    # A fixed generic start (a constant vector can be orthogonal to the top singular vector).
+    kr, ki = jax.random.split(jax.random.key(0))
+    shape = m.shape[:1] + m.shape[2:]
+    real_dtype = jnp.finfo(m.dtype).dtype
+    v = jax.random.normal(kr, shape, real_dtype).astype(m.dtype)
+    if jnp.iscomplexobj(m):
+        v = v + 1j * jax.random.normal(ki, shape, real_dtype)
 
     def body(_, v):
         v = jnp.einsum("fij,fj->fi", gram, v)

@@ -153,12 +153,33 @@ def _metrics(logits, labels, sol):
     )
 
 
-def make_train_step(optimizer, augment_data: bool):
+def augment_options(spec) -> dict | None:
+    """`config.data.augment` -> keyword arguments of `ff.data.augment`, or `None` for none.
+
+    `False`/`None`: no augmentation; `True`: random crop with 4 pixels of padding and random
+    horizontal flip (CIFAR); a dict such as `{"padding": 2, "flip": False}` (MNIST shifts)."""
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        return {}
+    opts = _plain(spec)
+    unknown = set(opts) - {"padding", "flip"}
+    if unknown:
+        raise ValueError(f"data.augment: unknown keys {sorted(unknown)}; use 'padding', 'flip'.")
+    return opts
+
+
+def make_train_step(optimizer, augment_data: bool | dict | None):
+    """A jitted `(key, model, opt_state, images, labels) -> (model, opt_state, metrics)`.
+
+    `augment_data`: `None`/`False` (none), `True` (crop + flip) or `augment`'s keywords."""
+    aug = augment_options(augment_data)
+
     @eqx.filter_jit(donate="all-except-first")
     def train_step(key, model, opt_state, images, labels):
         x = images
-        if augment_data:
-            x = augment(key, x)
+        if aug is not None:
+            x = augment(key, x, **aug)
         params, static = eqx.partition(model, eqx.is_inexact_array)
 
         def loss_fn(diff):
@@ -323,7 +344,7 @@ def train(
     data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     model, opt_state = eqx.filter_shard((model, opt_state), replicated)
-    train_step = make_train_step(optimizer, bool(config.data.get("augment", False)))
+    train_step = make_train_step(optimizer, config.data.get("augment", False))
 
     def save(path, **extra):
         save_checkpoint(

@@ -72,3 +72,32 @@ def test_power_method():
     np.testing.assert_allclose(float(cc.lipschitz_bound(6, 6)), 0.8, rtol=1e-6)
     with pytest.raises(ValueError, match="norm_method"):
         _contractive(0.8, (6, 6), norm_method="qr")
+
+
+def _conv_at(method, channels, grid, seed=0):
+    cc = ContractiveToroidalConv(
+        channels, channels, gamma=0.9, norm_grid=grid, norm_method=method, key=jax.random.key(0)
+    )
+    rng = np.random.default_rng(seed)
+    shape = cc.conv.weight.shape
+    w = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) / 10
+    return eqx.tree_at(lambda c: c.conv.weight, cc, jnp.asarray(w, jnp.complex64))
+
+
+def test_power_default_iterations_match_svd_at_cifar_size():
+    # The accelerator default: the estimate (50 steps) and its gradient match the exact SVD.
+    with jax.enable_x64(False):
+        svd, power = _conv_at("svd", 64, (16, 16)), _conv_at("power", 64, (16, 16))
+        s_svd, s_pow = float(svd.scale()), float(power.scale())
+        assert s_svd < 1  # the kernel is rescaled
+        np.testing.assert_allclose(s_pow, s_svd, rtol=2e-5)
+        grad = eqx.filter_jit(eqx.filter_grad(lambda c: c.scale()))
+        g_svd, g_pow = grad(svd).conv.weight, grad(power).conv.weight
+        err = jnp.linalg.norm(g_pow - g_svd) / jnp.linalg.norm(g_svd)
+        assert float(err) < 1e-3
+
+
+def test_auto_norm_method_is_svd_on_cpu():
+    assert jax.default_backend() == "cpu"
+    auto, svd = _conv_at("auto", 8, (6, 6), seed=1), _conv_at("svd", 8, (6, 6), seed=1)
+    assert float(auto.scale()) == float(svd.scale())

@@ -177,3 +177,25 @@ def test_sharded_step_equals_single_device(tmp_path):
     assert out["devices"] == 4
     assert abs(out["loss1"] - out["loss2"]) < 1e-5
     assert out["diff"] < 1e-5
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (False, None),
+        (None, None),
+        (True, {}),
+        ({"padding": 2, "flip": False}, {"padding": 2, "flip": False}),
+    ],
+)
+def test_augment_options(spec, expected):
+    from fractal_field._train import augment_options
+
+    assert augment_options(spec) == expected
+
+
+def test_augment_options_bad_key():
+    from fractal_field._train import augment_options
+
+    with pytest.raises(ValueError, match="unknown keys"):
+        augment_options({"pad": 2})
