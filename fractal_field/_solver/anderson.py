@@ -14,8 +14,9 @@ from .base import AbstractFixedPointSolver
 
 
 class _AndersonState(eqx.Module):
-    ys: Inexact[Array, "m n"]
-    fys: Inexact[Array, "m n"]
+    gs: Inexact[Array, "m n"]  # residuals f(z_i) - z_i
+    fys: Inexact[Array, "m n"]  # f(z_i)
+    gram: Inexact[Array, "m m"]  # <g_i, g_j>, updated one row/column per step
     count: Int[Array, ""]
     restarts: Int[Array, ""]
 
@@ -60,19 +61,24 @@ class Anderson(AbstractFixedPointSolver):
     def init(self, fn, y, fy, args):
         flat, _ = ravel_pytree(y)
         buf = jnp.zeros((self.history,) + flat.shape, flat.dtype)
-        return _AndersonState(buf, buf, jnp.array(0), jnp.array(0))
+        gram = jnp.zeros((self.history, self.history), flat.dtype)
+        return _AndersonState(buf, buf, gram, jnp.array(0), jnp.array(0))
 
     def step(self, fn, y, fy, args, state: _AndersonState):
+        # Memory-bound on large states: per step, one pass over the residual history (the new
+        # Gram row) and one over the f-history (the mixed iterate); nothing else of size m x n.
         y_flat, unravel = ravel_pytree(y)
         fy_flat, _ = ravel_pytree(fy)
         m = self.history
         slot = state.count % m
-        ys = state.ys.at[slot].set(y_flat)
+        g_new = fy_flat - y_flat
+        gs = state.gs.at[slot].set(g_new)
         fys = state.fys.at[slot].set(fy_flat)
         valid: Bool[Array, " m"] = jnp.arange(m) < jnp.minimum(state.count + 1, m)
 
-        g = fys - ys
-        gram = jnp.conj(g) @ g.T  # gram[i, j] = <g_i, g_j>, Hermitian
+        row = jnp.conj(gs) @ g_new  # row[j] = <g_j, g_new>
+        full = state.gram.at[:, slot].set(row).at[slot, :].set(jnp.conj(row))
+        gram = full
         leaves = jax.tree_util.tree_leaves(y)
         mixed = len({jnp.iscomplexobj(x) for x in leaves}) > 1
         if self.coefficients == "real" or mixed or not jnp.iscomplexobj(gram):
@@ -86,14 +92,17 @@ class Anderson(AbstractFixedPointSolver):
         alpha = jnp.linalg.solve(gram, valid.astype(gram.dtype))
         alpha = alpha / jnp.sum(alpha)
         ok = jnp.all(jnp.isfinite(alpha))
-        alpha = jnp.where(ok, alpha, 0).astype(ys.dtype)
+        alpha = jnp.where(ok, alpha, 0).astype(fys.dtype)
 
         mixed_f = alpha @ fys
-        mixed_y = alpha @ ys
-        accel = mixed_f if self.mixing == 1 else self.mixing * mixed_f + (1 - self.mixing) * mixed_y
-        plain = fy_flat if self.mixing == 1 else self.mixing * fy_flat + (1 - self.mixing) * y_flat
+        if self.mixing == 1:
+            accel, plain = mixed_f, fy_flat
+        else:  # sum alpha_i z_i = sum alpha_i (f(z_i) - g_i)
+            accel = mixed_f - (1 - self.mixing) * (alpha @ gs)
+            plain = fy_flat - (1 - self.mixing) * g_new
         y_new_flat = jnp.where(ok, accel, plain)
         count = jnp.where(ok, state.count + 1, 0)
-        new_state = _AndersonState(ys, fys, count, state.restarts + (~ok).astype(jnp.int32))
+        restarts = state.restarts + (~ok).astype(jnp.int32)
+        new_state = _AndersonState(gs, fys, full, count, restarts)
         y_new = unravel(y_new_flat)
         return y_new, fn(y_new, args), new_state, 1.0
