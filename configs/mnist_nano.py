@@ -26,7 +26,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.adjoint = dict(name="jfb")
     c.batch_size = 128
     c.eval_batch_size = 1000
-    c.epochs = 8
+    # The shipped checkpoint's recipe: 99.16% test (trained on an H100, ~25 s per epoch).
+    c.epochs = 20
     c.optim = dict(lr=4e-3, warmup_epochs=0.3, weight_decay=1e-4, clip=1.0, final_lr_ratio=1e-2)
     c.checkpoint_every_steps = 200
     c.log_every = 50
@@ -41,9 +42,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.optim.lr = 5e-2
         c.checkpoint_every_steps = 4
         c.log_every = 4
-    elif variant == "long":
-        # The stretch run (a GPU, or a long CPU session): same model, a longer schedule.
-        c.epochs = 30
+    elif variant == "cpu_hour":
+        # What fits in about an hour on a 2-core CPU; 8-epoch runs of the 24-channel model
+        # reached 98.85-98.95% (short of 99.0%).
+        c.epochs = 8
     elif variant:
-        raise ValueError(f"Unknown variant {variant!r} (use '', 'smoke' or 'long').")
+        raise ValueError(f"Unknown variant {variant!r} (use '', 'smoke' or 'cpu_hour').")
     return c

@@ -233,7 +233,7 @@ def param_summary(model) -> str:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # MNIST, under 20,000 real parameters.
-    "nano": dict(in_channels=1, num_classes=10, image_size=28, channels=24, pool=2, readout_grid=4),
+    "nano": dict(in_channels=1, num_classes=10, image_size=28, channels=28, pool=2, readout_grid=4),
     # CIFAR-10, at most 170,000 real parameters.
     "cifar_small": dict(
         in_channels=3,
