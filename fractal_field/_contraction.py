@@ -23,8 +23,10 @@ class ContractiveToroidalConv(eqx.Module):
 
     With `norm_method="svd"` the norm is exact up to rounding; `"power"` is a power-iteration
     estimate (a lower bound, tight to float32 rounding once converged; `power_iters` steps);
-    `"auto"` (default) uses the SVD on CPU and power iteration on GPU/TPU, where a batched SVD
-    of matrices larger than 32 x 32 runs one matrix at a time and dominates the training step.
+    `"auto"` (default) uses the SVD on CPU for up to 32 channels and power iteration otherwise:
+    on GPU a batched SVD of matrices larger than 32 x 32 runs one matrix at a time (403 ms per
+    step at 64 channels on an H100, against 1.4 ms), and on CPU its gradient costs about 6x the
+    power iteration's at 64 channels. `lipschitz_bound` is always exact.
     Gradients flow through the normalisation (as in spectral normalisation). Every call
     recomputes the norm: call `operator(h, w)` (or `normalised()`) once per solve, not per
     fixed-point iteration.
@@ -80,7 +82,8 @@ class ContractiveToroidalConv(eqx.Module):
         h, w = self.norm_grid
         method = self.norm_method
         if method == "auto":
-            method = "svd" if jax.default_backend() == "cpu" else "power"
+            small = max(self.in_channels, self.out_channels) <= 32
+            method = "svd" if small and jax.default_backend() == "cpu" else "power"
         if method == "svd":
             norm = self.conv.operator_norm(h, w)
         else:
