@@ -18,6 +18,10 @@ fine-grid-equivalent evaluations. Memory: `jax.grad` of a loss through `ff.fixed
 (Naive, fixed `max_steps`, `throw=False`), measured with XLA's compiled memory analysis
 (temp + argument + output bytes).
 
+Scaling: grid sizes 32 to 256 (one solve each), batch sizes 1 to 64 at 64 x 64 (a `vmap`-ed
+solve in which each sample stops on its own residual), and training-step memory as `max_steps`
+grows, all in one results file.
+
 Run `python benchmarks/solvers.py` (or `--quick`); writes `benchmarks/results/solvers.json`.
 """
 
@@ -119,6 +123,47 @@ def bench_solver(name, solver, n, repeats, max_steps=5000):
     )
 
 
+def bench_batch(name, solver, n, batch, repeats, max_steps=5000):
+    """One `vmap`-ed solve of `batch` different injections (each sample stops on its own)."""
+    x = jnp.stack([make_field(n, seed=10 + i) for i in range(batch)])
+    w, _ = make_weights()
+
+    @jax.jit
+    def solve(x, w):
+        def one(xi):
+            sol = ff.fixed_point(
+                field_map,
+                jnp.zeros_like(xi),
+                (xi, w),
+                solver=solver,
+                max_steps=max_steps,
+                rtol=RTOL,
+                atol=0.0,
+                throw=False,
+            )
+            return sol.stats.num_steps, sol.result._value
+
+        return jax.vmap(one)(x)
+
+    jax.block_until_ready(solve(x, w))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        steps, result = jax.block_until_ready(solve(x, w))
+        times.append(time.perf_counter() - t0)
+    wall = statistics.median(times)
+    return dict(
+        solver=name,
+        n=n,
+        batch=batch,
+        wall_s=wall,
+        ms_per_sample=1e3 * wall / batch,
+        mean_steps=float(jnp.mean(steps)),
+        max_steps=int(jnp.max(steps)),
+        converged=bool(jnp.all(result == 0)),
+    )
+
+
 def bench_memory(adjoint_name, max_steps, n=64):
     x = make_field(n)
     w, _ = make_weights()
@@ -157,6 +202,7 @@ def main():
     sizes = [32, 64] if opts.quick else [32, 64, 128, 256]
     repeats = 2 if opts.quick else 5
     mem_steps = [10, 30] if opts.quick else [10, 30, 100]
+    batches = [1, 4] if opts.quick else [1, 4, 16, 64]
     _, norm = make_weights()
 
     rows = []
@@ -176,6 +222,20 @@ def main():
                 f"{n:>5} {name:>10} {row['steps']:>6} {row['fn_evals']:>9.1f} "
                 f"{row['work_ratio_vs_naive']:>8.2f}x {1e3 * row['wall_s']:>9.1f} "
                 f"{row['time_ratio_vs_naive']:>8.2f}x {row['relative_residual']:>11.2e}"
+                + ("" if row["converged"] else "  (not converged)"),
+                flush=True,
+            )
+
+    print(f"\nBatch scaling (vmap, per-sample stopping), N={64 if not opts.quick else 32}:")
+    print(f"{'batch':>5} {'solver':>10} {'wall ms':>9} {'ms/sample':>10} {'mean/max steps':>15}")
+    batch_rows = []
+    for b in batches:
+        for name, solver in solvers().items():
+            row = bench_batch(name, solver, 32 if opts.quick else 64, b, repeats)
+            batch_rows.append(row)
+            print(
+                f"{b:>5} {name:>10} {1e3 * row['wall_s']:>9.1f} {row['ms_per_sample']:>10.2f} "
+                f"{row['mean_steps']:>9.1f}/{row['max_steps']:<5}"
                 + ("" if row["converged"] else "  (not converged)"),
                 flush=True,
             )
@@ -220,7 +280,11 @@ def main():
         load_average=os.getloadavg(),
     )
     with open(path, "w") as fh:
-        json.dump(dict(meta=meta, solvers=rows, memory=memory, goals=goals), fh, indent=1)
+        json.dump(
+            dict(meta=meta, solvers=rows, batch=batch_rows, memory=memory, goals=goals),
+            fh,
+            indent=1,
+        )
     print(f"wrote {path}")
 
 
