@@ -210,14 +210,17 @@ def make_train_step(optimizer, augment_data: bool | dict | None):
 
 @eqx.filter_jit
 def eval_step(model, images, labels):
+    """Sums over the batch (replicated scalars and a confusion matrix, so the step also runs on
+    a batch sharded over several hosts)."""
     logits, sol = _forward(model, images, None)
     pred = jnp.argmax(logits, -1)
+    k = logits.shape[-1]
     return dict(
         correct=jnp.sum(pred == labels),
         steps=jnp.sum(sol.stats.num_steps),
         residual=jnp.sum(sol.stats.relative_residual),
         failed=jnp.sum(sol.result != RESULTS.successful),
-        pred=pred,
+        confusion=jnp.zeros((k, k), jnp.int32).at[labels, pred].add(1),
     )
 
 
@@ -230,13 +233,19 @@ def evaluate(model, dataset: ArrayDataset, *, batch_size: int = 500, sharding=No
     for images, labels in dataset.batches(
         batch_size, seed=0, epoch=0, shuffle=False, drop_last=False
     ):
-        x = dataset.normalize(images)
+        x = np.asarray(dataset.normalize(images))
+        labels = np.asarray(labels, np.int32)
         if sharding is not None and len(images) % sharding.mesh.size == 0:
-            x = jax.device_put(x, sharding)
-        out = eval_step(model, x, jnp.asarray(labels))
+            x, labels = (_host_batch_to_global(a, sharding) for a in (x, labels))
+        elif jax.process_count() > 1:
+            raise ValueError(
+                f"Multi-host evaluation needs batches divisible by {sharding.mesh.size} devices "
+                f"(the last batch of {dataset} has {len(images)} examples)."
+            )
+        out = eval_step(model, x, labels)
         for name in totals:
             totals[name] += float(out[name])
-        np.add.at(conf, (labels, np.asarray(out["pred"])), 1)
+        conf += np.asarray(out["confusion"], np.int64)
         n += len(labels)
     return dict(
         accuracy=totals["correct"] / n,
@@ -317,6 +326,8 @@ def train(
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {bs} exceeds the {len(train_ds)} training examples.")
 
+    # Every process runs this function; only the first writes logs and checkpoints.
+    main = jax.process_index() == 0
     key = jr.PRNGKey(config.seed)
     model_key, aug_key = jr.split(key)
     model = build_model(config, key=model_key)
@@ -336,7 +347,7 @@ def train(
         model, opt_state = load_checkpoint(last, (model, opt_state))
         state = {k: meta[k] for k in state}
         print(f"Resumed from {last} at epoch {state['epoch']} step {state['step']}.", flush=True)
-    else:
+    elif main:
         print(param_summary(model), flush=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
@@ -347,14 +358,16 @@ def train(
     train_step = make_train_step(optimizer, config.data.get("augment", False))
 
     def save(path, **extra):
+        if not main:
+            return
         save_checkpoint(
             path,
             (model, opt_state),
             _ckpt_meta(config, **state, num_params=count_params(model), **extra),
         )
 
-    log = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
-    eval_log = open(workdir / "eval.jsonl", "a")  # noqa: SIM115
+    log = open(workdir / "metrics.jsonl" if main else os.devnull, "a")  # noqa: SIM115
+    eval_log = open(workdir / "eval.jsonl" if main else os.devnull, "a")  # noqa: SIM115
     ckpt_every = config.get("checkpoint_every_steps", 0)
     stopped = False
     summary: dict = {}

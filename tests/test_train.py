@@ -199,3 +199,61 @@ def test_augment_options_bad_key():
 
     with pytest.raises(ValueError, match="unknown keys"):
         augment_options({"pad": 2})
+
+
+MULTIHOST_CODE = r"""
+import json, sys
+import jax
+pid, nproc, port, workdir, config_spec = sys.argv[1:]
+pid, nproc = int(pid), int(nproc)
+if nproc > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
+import fractal_field as ff
+summary = ff.train(ff.load_config(config_spec), workdir, progress=False)
+print(json.dumps(dict(devices=jax.device_count(), processes=jax.process_count(),
+                      accuracy=summary["accuracy"], step=summary["state"]["step"])))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_multi_host_training_equals_single_process(tmp_path):
+    # Two processes with two CPU devices each (jax.distributed, gloo collectives) against one
+    # process with four devices: the same global batches, so the same parameters and accuracy.
+    script = tmp_path / "multihost.py"
+    script.write_text(MULTIHOST_CODE)
+
+    def launch(pid, nproc, port, workdir, devices):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        args = [sys.executable, str(script), str(pid), str(nproc), str(port), str(workdir), SMOKE]
+        return subprocess.Popen(
+            args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    port = _free_port()
+    procs = [launch(i, 2, port, tmp_path / f"multi{i}", 2) for i in range(2)]
+    single = launch(0, 1, port, tmp_path / "single", 4)
+    outs = []
+    for p in [*procs, single]:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-3000:]
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert [o["processes"] for o in outs] == [2, 2, 1]
+    assert all(o["devices"] == 4 for o in outs)
+    assert outs[0]["step"] == outs[2]["step"] == 16
+    assert outs[0]["accuracy"] == outs[1]["accuracy"] == outs[2]["accuracy"]
+    # Only the first process writes checkpoints and logs.
+    assert (tmp_path / "multi0" / "checkpoints" / "last.eqx").exists()
+    assert not (tmp_path / "multi1" / "checkpoints").exists()
+    multi = ff.load_model(tmp_path / "multi0" / "checkpoints" / "last.eqx")
+    ref = ff.load_model(tmp_path / "single" / "checkpoints" / "last.eqx")
+    leaves = lambda m: jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_inexact_array))
+    for a, b in zip(leaves(multi), leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
