@@ -29,8 +29,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.epochs = 1
         c.checkpoint_every_steps = 2
     elif variant == "cpu_short":
-        # About an hour on a 2-core CPU (a training step took 6.0 s at initialisation in
-        # `benchmarks/gpu.py`, so ~40 min per epoch): one epoch on the full data.
+        # Under an hour on a 2-core CPU (a training step took 3.8 s at initialisation in
+        # `benchmarks/gpu.py`, ~25 min per epoch, more as solves lengthen): one epoch.
         c.epochs = 1
     elif variant:
         raise ValueError(f"Unknown variant {variant!r} (use '', 'smoke' or 'cpu_short').")
