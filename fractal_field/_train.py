@@ -292,6 +292,12 @@ class _Interrupt:
         signal.signal(signal.SIGTERM, self.old)
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _ckpt_meta(config, **extra) -> dict:
     return dict(config=config.to_dict(), **extra)
 
@@ -358,6 +364,12 @@ def train(
     train_step = make_train_step(optimizer, config.data.get("augment", False))
 
     def save(path, **extra):
+        # Never replace a good checkpoint by a broken model.
+        if not bool(_all_finite(eqx.filter(model, eqx.is_inexact_array))):
+            raise FloatingPointError(
+                f"Parameters became non-finite by step {state['step']}; not saving {path.name} "
+                f"(the last good checkpoint stays in {ckdir})."
+            )
         if not main:
             return
         save_checkpoint(
@@ -369,13 +381,40 @@ def train(
     log = open(workdir / "metrics.jsonl" if main else os.devnull, "a")  # noqa: SIM115
     eval_log = open(workdir / "eval.jsonl" if main else os.devnull, "a")  # noqa: SIM115
     ckpt_every = config.get("checkpoint_every_steps", 0)
+    last_done = [time.time()]
+
+    def report(m, step, epoch):
+        """Log one step's metrics (waits for that step); raise if its loss is not finite."""
+        m = {k: float(v) for k, v in m.items()}
+        now = time.time()
+        m.update(step=step, epoch=epoch, step_time=now - last_done[0], lr=float(schedule(step)))
+        last_done[0] = now
+        log.write(json.dumps(m) + "\n")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{m['loss']:.3f}",
+                acc=f"{m['acc']:.3f}",
+                fwd=f"{m['fwd_steps']:.1f}",
+                bwd=f"{m['bwd_steps']:.1f}",
+            )
+        elif (step + 1) % config.get("log_every", 50) == 0:
+            print(
+                f"epoch {epoch} step {step + 1} loss {m['loss']:.4f} "
+                f"acc {m['acc']:.3f} fwd {m['fwd_steps']:.1f} bwd {m['bwd_steps']:.1f} "
+                f"{m['step_time']:.3f}s",
+                flush=True,
+            )
+        if not math.isfinite(m["loss"]):
+            raise FloatingPointError(f"Loss became {m['loss']} at step {step + 1}.")
+
     stopped = False
     summary: dict = {}
     try:
         with _Interrupt() as interrupt:
             while state["epoch"] < config.epochs and not stopped:
                 epoch = state["epoch"]
-                t_epoch = time.time()
+                t_epoch = last_done[0] = time.time()
                 bar = None
                 if progress:
                     from tqdm import tqdm
@@ -384,49 +423,36 @@ def train(
                 batches = train_ds.batches(
                     bs, seed=config.seed, epoch=epoch, start_batch=state["batch"]
                 )
+                # The host reads step k's metrics after dispatching step k + 1, so that it
+                # prepares the next batch while the device computes (no per-step stall). A
+                # checkpoint or a stop first reads the pending metrics, so a model whose loss
+                # was non-finite is never saved.
+                pending = None
                 for images, labels in batches:
-                    t0 = time.time()
                     x = _host_batch_to_global(np.asarray(train_ds.normalize(images)), data_sharding)
                     y = _host_batch_to_global(labels, data_sharding)
                     step_key = jr.fold_in(aug_key, state["step"])
                     model, opt_state, m = train_step(step_key, model, opt_state, x, y)
-                    m = {k: float(v) for k, v in m.items()}
-                    m.update(
-                        step=state["step"],
-                        epoch=epoch,
-                        step_time=time.time() - t0,
-                        lr=float(schedule(state["step"])),
-                    )
-                    log.write(json.dumps(m) + "\n")
+                    if pending is not None:
+                        report(*pending)
+                    pending = (m, state["step"], epoch)
                     state["step"] += 1
                     state["batch"] += 1
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(
-                            loss=f"{m['loss']:.3f}",
-                            acc=f"{m['acc']:.3f}",
-                            fwd=f"{m['fwd_steps']:.1f}",
-                            bwd=f"{m['bwd_steps']:.1f}",
-                        )
-                    elif state["step"] % config.get("log_every", 50) == 0:
-                        print(
-                            f"epoch {epoch} step {state['step']} loss {m['loss']:.4f} "
-                            f"acc {m['acc']:.3f} fwd {m['fwd_steps']:.1f} bwd {m['bwd_steps']:.1f} "
-                            f"{m['step_time']:.3f}s",
-                            flush=True,
-                        )
-                    if not math.isfinite(m["loss"]):
-                        raise FloatingPointError(
-                            f"Loss became {m['loss']} at step {state['step']}."
-                        )
-                    if ckpt_every and state["step"] % ckpt_every == 0:
+                    ckpt_due = bool(ckpt_every) and state["step"] % ckpt_every == 0
+                    stop = interrupt.flag or (
+                        stop_after_steps is not None and state["step"] >= stop_after_steps
+                    )
+                    if ckpt_due or stop:
+                        report(*pending)
+                        pending = None
+                    if ckpt_due:
                         log.flush()
                         save(last)
-                    if interrupt.flag or (
-                        stop_after_steps is not None and state["step"] >= stop_after_steps
-                    ):
+                    if stop:
                         stopped = True
                         break
+                if pending is not None:
+                    report(*pending)
                 if bar is not None:
                     bar.close()
                 if stopped:

@@ -257,3 +257,16 @@ def test_multi_host_training_equals_single_process(tmp_path):
     leaves = lambda m: jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_inexact_array))
     for a, b in zip(leaves(multi), leaves(ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_loss_stops_before_checkpointing_it(tmp_path):
+    # A learning rate of 1e30 blows the parameters up within a few updates; training raises
+    # (non-finite parameters or loss) and the checkpoint on disk is the last finite model.
+    config = ff.load_config(SMOKE, ["optim.lr=1e30", "checkpoint_every_steps=1"])
+    with pytest.raises(FloatingPointError, match="non-finite|Loss became"):
+        ff.train(config, tmp_path, progress=False)
+    meta = json.loads((tmp_path / "checkpoints" / "last.eqx.json").read_text())
+    assert meta["step"] == 1  # step 1 was finite and saved; step 2's update was not
+    model = ff.load_model(tmp_path / "checkpoints" / "last.eqx")
+    leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
