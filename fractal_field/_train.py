@@ -382,12 +382,18 @@ def train(
     eval_log = open(workdir / "eval.jsonl" if main else os.devnull, "a")  # noqa: SIM115
     ckpt_every = config.get("checkpoint_every_steps", 0)
     last_done = [time.time()]
+    # The schedule evaluated once for all steps (not one small device computation per step).
+    total_steps = config.epochs * steps_per_epoch
+    lrs = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(max(total_steps, 1))))
+
+    def lr_at(step: int) -> float:
+        return float(lrs[min(step, len(lrs) - 1)])
 
     def report(m, step, epoch):
         """Log one step's metrics (waits for that step); raise if its loss is not finite."""
-        m = {k: float(v) for k, v in m.items()}
+        m = {k: float(v) for k, v in jax.device_get(m).items()}  # one transfer
         now = time.time()
-        m.update(step=step, epoch=epoch, step_time=now - last_done[0], lr=float(schedule(step)))
+        m.update(step=step, epoch=epoch, step_time=now - last_done[0], lr=lr_at(step))
         last_done[0] = now
         log.write(json.dumps(m) + "\n")
         if bar is not None:
