@@ -43,7 +43,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import fractal_field as ff  # noqa: E402
-from fractal_field._contraction import ContractiveToroidalConv  # noqa: E402
 from fractal_field._train import (  # noqa: E402
     build_model,
     build_optimizer,
@@ -146,12 +145,8 @@ def bench_preset(name: str, path: str, *, repeats: int, iters: int, data_dir) ->
     conv = model.cell.conv
     norm_ms = {}
     for method in ("svd", "power"):
-        cm = ContractiveToroidalConv(
-            c, c, gamma=conv.gamma, norm_grid=conv.norm_grid, norm_method=method, key=jr.key(0)
-        )
-        cm = eqx.tree_at(lambda m: m.conv, cm, conv.conv)
-        g = eqx.filter_jit(eqx.filter_grad(lambda cm: cm.scale()))
-        norm_ms[method] = 1e3 * _median_s(lambda cm=cm, g=g: g(cm).conv.weight, repeats)
+        g = eqx.filter_jit(eqx.filter_grad(lambda cm, method=method: cm.scale(method)))
+        norm_ms[method] = 1e3 * _median_s(lambda g=g: g(conv).conv.weight, repeats)
 
     cell_model = 8 * 9 * c * c * h * w  # per image and application
     cell_xla = _xla_flops(one, z0)

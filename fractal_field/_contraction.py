@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Complex, PRNGKeyArray
 
-from ._conv import DirectOperator, Impl, SpectralOperator, ToroidalConv, operator_norm_power
+from ._conv import DirectOperator, Impl, SpectralOperator, ToroidalConv
 
 
 class ContractiveToroidalConv(eqx.Module):
@@ -77,17 +77,19 @@ class ContractiveToroidalConv(eqx.Module):
     def out_channels(self) -> int:
         return self.conv.out_channels
 
-    def scale(self) -> Array:
-        """`min(1, gamma / ||K||_op)` on `norm_grid`."""
+    def scale(self, method: Literal["auto", "svd", "power"] | None = None) -> Array:
+        """`min(1, gamma / ||K||_op)` on `norm_grid`, by `method` (default `norm_method`)."""
         h, w = self.norm_grid
-        method = self.norm_method
+        method = self.norm_method if method is None else method
         if method == "auto":
             small = max(self.in_channels, self.out_channels) <= 32
             method = "svd" if small and jax.default_backend() == "cpu" else "power"
         if method == "svd":
             norm = self.conv.operator_norm(h, w)
+        elif method == "power":
+            norm = self.conv.operator_norm_estimate(h, w, iters=self.power_iters)
         else:
-            norm = operator_norm_power(self.conv.spectrum(h, w), iters=self.power_iters)
+            raise ValueError(f"`method` must be 'auto', 'svd' or 'power', got {method!r}.")
         big = norm > self.gamma
         return jnp.where(big, self.gamma / jnp.where(big, norm, 1.0), 1.0)
 

@@ -38,38 +38,43 @@ from .data import ArrayDataset, augment, load_dataset
 # Building blocks from a config
 
 
-def build_solver(cfg) -> Any:
-    """`{"name": "anderson" | "naive" | "multigrid", **hyperparameters}` -> a solver.
+def _multigrid(**kwargs):
+    from ._solver.multigrid import Multigrid
 
-    Keys set to `None` are dropped (so an override `solver.history=None` removes one)."""
+    return Multigrid(**kwargs)
+
+
+_SOLVERS = {"anderson": Anderson, "naive": Naive, "multigrid": _multigrid}
+_ADJOINTS = {
+    "implicit": ImplicitAdjoint,
+    "phantom": PhantomAdjoint,
+    "jfb": JacobianFreeAdjoint,
+    "unrolled": UnrolledAdjoint,
+}
+
+
+def _build(kind: str, table: dict, cfg):
+    # Keys set to `None` are dropped (so an override `solver.history=None` removes one).
     cfg = {k: v for k, v in dict(cfg).items() if v is not None}
     name = cfg.pop("name")
-    if name == "anderson":
-        return Anderson(**cfg)
-    if name == "naive":
-        return Naive(**cfg)
-    if name == "multigrid":
-        from ._solver.multigrid import Multigrid
+    if name not in table:
+        raise ValueError(f"Unknown {kind} {name!r}: use one of {sorted(table)}.")
+    return name, cfg
 
-        return Multigrid(**cfg)
-    raise ValueError(f"Unknown solver {name!r}: use 'anderson', 'naive' or 'multigrid'.")
+
+def build_solver(cfg) -> Any:
+    """`{"name": "anderson" | "naive" | "multigrid", **hyperparameters}` -> a solver."""
+    name, kwargs = _build("solver", _SOLVERS, cfg)
+    return _SOLVERS[name](**kwargs)
 
 
 def build_adjoint(cfg) -> Any:
-    """`{"name": "implicit" | "phantom" | "jfb" | "unrolled", **hyperparameters}`."""
-    cfg = {k: v for k, v in dict(cfg).items() if v is not None}
-    name = cfg.pop("name")
-    if name == "implicit":
-        if "solver" in cfg:
-            cfg["solver"] = build_solver(cfg["solver"])
-        return ImplicitAdjoint(**cfg)
-    if name == "phantom":
-        return PhantomAdjoint(**cfg)
-    if name == "jfb":
-        return JacobianFreeAdjoint(**cfg)
-    if name == "unrolled":
-        return UnrolledAdjoint(**cfg)
-    raise ValueError(f"Unknown adjoint {name!r}: use 'implicit', 'phantom', 'jfb', 'unrolled'.")
+    """`{"name": "implicit" | "phantom" | "jfb" | "unrolled", **hyperparameters}`; an implicit
+    adjoint's `solver` is itself a solver config."""
+    name, kwargs = _build("adjoint", _ADJOINTS, cfg)
+    if "solver" in kwargs:
+        kwargs["solver"] = build_solver(kwargs["solver"])
+    return _ADJOINTS[name](**kwargs)
 
 
 def _plain(cfg) -> dict:
@@ -239,8 +244,8 @@ def evaluate(model, dataset: ArrayDataset, *, batch_size: int = 500, sharding=No
             x, labels = (_host_batch_to_global(a, sharding) for a in (x, labels))
         elif jax.process_count() > 1:
             raise ValueError(
-                f"Multi-host evaluation needs batches divisible by {sharding.mesh.size} devices "
-                f"(the last batch of {dataset} has {len(images)} examples)."
+                f"Multi-host evaluation needs a `sharding` and batches divisible by the "
+                f"{jax.device_count()} devices (a batch of {dataset} has {len(images)} examples)."
             )
         out = eval_step(model, x, labels)
         for name in totals:

@@ -74,9 +74,9 @@ def test_power_method():
         _contractive(0.8, (6, 6), norm_method="qr")
 
 
-def _conv_at(method, channels, grid, seed=0):
+def _conv_at(channels, grid, seed=0):
     cc = ContractiveToroidalConv(
-        channels, channels, gamma=0.9, norm_grid=grid, norm_method=method, key=jax.random.key(0)
+        channels, channels, gamma=0.9, norm_grid=grid, key=jax.random.key(0)
     )
     rng = np.random.default_rng(seed)
     shape = cc.conv.weight.shape
@@ -87,12 +87,12 @@ def _conv_at(method, channels, grid, seed=0):
 def test_power_default_iterations_match_svd_at_cifar_size():
     # The accelerator default: the estimate (50 steps) and its gradient match the exact SVD.
     with jax.enable_x64(False):
-        svd, power = _conv_at("svd", 64, (16, 16)), _conv_at("power", 64, (16, 16))
-        s_svd, s_pow = float(svd.scale()), float(power.scale())
+        conv = _conv_at(64, (16, 16))
+        s_svd, s_pow = float(conv.scale("svd")), float(conv.scale("power"))
         assert s_svd < 1  # the kernel is rescaled
         np.testing.assert_allclose(s_pow, s_svd, rtol=2e-5)
-        grad = eqx.filter_jit(eqx.filter_grad(lambda c: c.scale()))
-        g_svd, g_pow = grad(svd).conv.weight, grad(power).conv.weight
+        grad = eqx.filter_jit(eqx.filter_grad(lambda c, m: c.scale(m)))
+        g_svd, g_pow = grad(conv, "svd").conv.weight, grad(conv, "power").conv.weight
         err = jnp.linalg.norm(g_pow - g_svd) / jnp.linalg.norm(g_svd)
         assert float(err) < 1e-3
 
@@ -100,5 +100,10 @@ def test_power_default_iterations_match_svd_at_cifar_size():
 @pytest.mark.parametrize("channels, method", [(8, "svd"), (40, "power")])
 def test_auto_norm_method_on_cpu(channels, method):
     assert jax.default_backend() == "cpu"
-    auto = _conv_at("auto", channels, (6, 6), seed=1)
-    assert float(auto.scale()) == float(_conv_at(method, channels, (6, 6), seed=1).scale())
+    conv = _conv_at(channels, (6, 6), seed=1)
+    assert conv.norm_method == "auto"
+    assert float(conv.scale()) == float(conv.scale(method))
+    other = "power" if method == "svd" else "svd"
+    assert float(conv.scale()) != float(conv.scale(other))  # the two methods do differ here
+    with pytest.raises(ValueError, match="method"):
+        conv.scale("qr")

@@ -270,3 +270,15 @@ def test_non_finite_loss_stops_before_checkpointing_it(tmp_path):
     model = ff.load_model(tmp_path / "checkpoints" / "last.eqx")
     leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+
+
+def test_build_solver_and_adjoint_from_config():
+    from fractal_field._train import build_adjoint, build_solver
+
+    assert build_solver({"name": "anderson", "history": 3, "ridge": None}).history == 3
+    adj = build_adjoint({"name": "implicit", "solver": {"name": "naive"}, "max_steps": 7})
+    assert isinstance(adj.solver, ff.Naive) and adj.max_steps == 7
+    with pytest.raises(ValueError, match="Unknown solver 'newton'"):
+        build_solver({"name": "newton"})
+    with pytest.raises(ValueError, match="Unknown adjoint 'exact'"):
+        build_adjoint({"name": "exact"})
