@@ -199,6 +199,7 @@ def main():
     repeats = 2 if opts.quick else 5
     mem_steps = [10, 30] if opts.quick else [10, 30, 100]
     batches = [1, 4] if opts.quick else [1, 4, 16, 64]
+    batch_n = 32 if opts.quick else 64
     _, norm = make_weights()
 
     rows = []
@@ -222,12 +223,12 @@ def main():
                 flush=True,
             )
 
-    print(f"\nBatch scaling (vmap, per-sample stopping), N={64 if not opts.quick else 32}:")
+    print(f"\nBatch scaling (vmap, per-sample stopping), N={batch_n}:")
     print(f"{'batch':>5} {'solver':>10} {'wall ms':>9} {'ms/sample':>10} {'mean/max steps':>15}")
     batch_rows = []
     for b in batches:
         for name, solver in solvers().items():
-            row = bench_batch(name, solver, 32 if opts.quick else 64, b, repeats)
+            row = bench_batch(name, solver, batch_n, b, repeats)
             batch_rows.append(row)
             print(
                 f"{b:>5} {name:>10} {1e3 * row['wall_s']:>9.1f} {row['ms_per_sample']:>10.2f} "
