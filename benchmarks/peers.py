@@ -38,7 +38,7 @@ runs), final residual, agreement with the reference, process peak RSS. Ratios ar
 the same run.
 
     python benchmarks/peers.py [--problems A,Aprime,B_nano,B_cifar]
-        [--libs ff,optimistix,jaxopt,torchdeq,banax] [--repeats 5] [--small]
+        [--libs ff,optimistix,jaxopt,torchdeq,banax] [--repeats 5] [--rounds 1] [--small]
         [--conv nhwc-vjp|nhwc|nchw|fft] [--peer-conv same|nhwc-vjp|nhwc|nchw|fft]
 
 Libraries (variants in parentheses, selectable with `--libs`):
@@ -50,11 +50,20 @@ Libraries (variants in parentheses, selectable with `--libs`):
 - `jaxopt` (`jaxopt-fpi`): `AndersonAcceleration(history_size=5)` (`FixedPointIteration`),
   `implicit_diff=True`, `implicit_diff_solve=solve_gmres(tol=1e-4)` (the default
   `solve_normal_cg` squares the condition number).
-- `torchdeq` (`torchdeq-batched`): `get_deq(f_solver="anderson", b_solver="anderson",
-  ift=True)`, PyTorch CPU, 2 threads; the state is viewed as batch 1 so that Anderson and the
-  stopping test are global like everyone else's (`torchdeq-batched`: its native per-sample mode).
-- `banax`: `Implicit(Anderson(depth=5), b_solver=Anderson(depth=5))`. Needs Python >= 3.12: run
-  from the interpreter in `--py312` (default `.venv-peers312/bin/python` next to the repo).
+- `torchdeq` (`torchdeq-fpi`, `torchdeq-batched`): `get_deq(f_solver="anderson",
+  b_solver="anderson", ift=True)` (`"fixed_point_iter"` both ways), PyTorch CPU, 2 threads; the
+  state is viewed as batch 1 so that Anderson and the stopping test are global like everyone
+  else's (`torchdeq-batched`: its native per-sample mode).
+- `banax` (`banax-picard`): `Implicit(Anderson(depth=5), b_solver=Anderson(depth=5))` (`Picard`
+  both ways). Needs Python >= 3.12: run from the interpreter in `--py312` (default
+  `.venv-peers312/bin/python` next to the repo).
+
+Every library is offered both its Anderson and its plain-iteration configuration; "vs fastest
+peer" compares with the fastest converged peer row of any configuration.
+
+`--rounds R` runs every case R times, interleaved (round r visits the libraries in an order
+rotated by r), and reports the median over rounds of the per-round medians, so slow drifts of a
+noisy machine fall on every library alike; the per-round figures are kept in the JSON.
 
 Conv formulation for problem A (`--conv` for fractal-field, `--peer-conv` for the JAX peers;
 `same` = the one fractal-field uses, where the peer's autodiff allows it):
@@ -108,7 +117,7 @@ SMALL = {
     "B_cifar": dict(batch=2, channels=6, size=8),
 }
 LIBS = ["ff", "optimistix", "jaxopt", "torchdeq", "banax"]
-ALL_LIBS = LIBS + ["ff-naive", "jaxopt-fpi", "torchdeq-batched"]
+ALL_LIBS = LIBS + ["ff-naive", "jaxopt-fpi", "torchdeq-fpi", "torchdeq-batched", "banax-picard"]
 CONVS = ["nhwc-vjp", "nhwc", "nchw", "fft"]
 PEER_OF = {"ff": None, "ff-naive": None}  # everything else is a peer
 
@@ -644,12 +653,16 @@ def jax_case(lib: str, data: dict, ref: dict, conv: str, repeats: int) -> dict:
             z, state = it.run(z0, a)
             return z, dict(steps=state.iter_num, ok=state.error <= fatol)
 
-    elif lib == "banax":
+    elif lib in ("banax", "banax-picard"):
         from banax.adjoint import Implicit
-        from banax.solver import Anderson
+        from banax.solver import Anderson, Picard
 
-        fs = Anderson(depth=HISTORY, damp=1.0, rtol=RTOL, atol=0.0, max_steps=MAX_STEPS)
-        bs = Anderson(depth=HISTORY, damp=1.0, rtol=0.0, atol=batol, max_steps=MAX_STEPS)
+        if lib == "banax":
+            fs = Anderson(depth=HISTORY, damp=1.0, rtol=RTOL, atol=0.0, max_steps=MAX_STEPS)
+            bs = Anderson(depth=HISTORY, damp=1.0, rtol=0.0, atol=batol, max_steps=MAX_STEPS)
+        else:
+            fs = Picard(rtol=RTOL, atol=0.0, max_steps=MAX_STEPS)
+            bs = Picard(rtol=0.0, atol=batol, max_steps=MAX_STEPS)
         adj = Implicit(solver=fs, b_solver=bs)
 
         def solve(params, wrap=lambda f: f, probe=None):
@@ -815,9 +828,10 @@ def torch_case(lib: str, data: dict, ref: dict, repeats: int) -> dict:
             out.register_hook(bump_bwd)
         return out
 
+    solver = "fixed_point_iter" if lib == "torchdeq-fpi" else "anderson"
     deq = get_deq(
-        f_solver="anderson",
-        b_solver="anderson",
+        f_solver=solver,
+        b_solver=solver,
         f_max_iter=MAX_STEPS,
         b_max_iter=MAX_STEPS,
         f_tol=RTOL,
@@ -943,7 +957,7 @@ def _versions(lib: str) -> str:
 
 
 def _python_for(lib: str, args) -> str | None:
-    if lib != "banax":
+    if not lib.startswith("banax"):
         return sys.executable
     if sys.version_info >= (3, 12):
         return sys.executable
@@ -974,6 +988,7 @@ def main():
     ap.add_argument("--problems", default="A,Aprime,B_nano,B_cifar")
     ap.add_argument("--libs", default=",".join(LIBS))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved runs of every case")
     ap.add_argument("--small", action="store_true", help="tiny sizes, for checking")
     ap.add_argument("--conv", default="nhwc-vjp", choices=CONVS, help="fractal-field's conv (A)")
     ap.add_argument("--peer-conv", default="same", choices=["same", *CONVS])
@@ -1021,6 +1036,7 @@ def main():
             gmres_restart=GMRES_RESTART,
             ref_tol=REF_TOL,
             repeats=args.repeats,
+            rounds=args.rounds,
             small=args.small,
             conv=args.conv,
             peer_conv=args.peer_conv,
@@ -1046,30 +1062,49 @@ def main():
             )
             meta = json.loads((pathlib.Path(tmp) / f"{name}.json").read_text())["data"]
             results["problems"][name] = dict(data=meta, ref=ref)
+            rows = {lib: dict(lib=lib, problem=name) for lib in libs}
+            runs = {lib: [] for lib in libs}
+            for rnd in range(args.rounds):
+                order = libs[rnd % len(libs) :] + libs[: rnd % len(libs)]
+                for lib in order:
+                    row = rows[lib]
+                    py = _python_for(lib, args)
+                    if py is None:
+                        row["status"] = "not run (needs Python >= 3.12)"
+                    elif row.get("status") != "failed":
+                        cmd = [py, me, "--_worker", lib, name, "--_dir", tmp, *common]
+                        r, msg = _subprocess(cmd, args.timeout)
+                        if r is None:
+                            row["status"] = "failed"
+                            row["error"] = msg
+                        else:
+                            runs[lib].append(r)
+                            row.update(_merge_rounds(runs[lib]))
+                            row["status"] = "ok" if r["converged"] else "not converged"
+                    tag = f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""
+                    print(f"[{name}] {lib}{tag}: {row['status']} {_brief(row)}", flush=True)
+                    if row["status"] == "failed":
+                        err = row["error"].strip().replace("\n", "\n    ")[-1500:]
+                        print("    " + err, flush=True)
             for lib in libs:
-                row = dict(lib=lib, problem=name)
-                py = _python_for(lib, args)
-                if py is None:
-                    row["status"] = "not run (needs Python >= 3.12)"
-                else:
-                    cmd = [py, me, "--_worker", lib, name, "--_dir", tmp, *common]
-                    r, msg = _subprocess(cmd, args.timeout)
-                    if r is None:
-                        row["status"] = "failed"
-                        row["error"] = msg
-                    else:
-                        row.update(r)
-                        row["status"] = "ok" if r["converged"] else "not converged"
-                print(f"[{name}] {lib}: {row['status']} {_brief(row)}", flush=True)
-                if row["status"] == "failed":
-                    print("    " + row["error"].strip().replace("\n", "\n    ")[-1500:], flush=True)
-                results["rows"].append(row)
-                _ratios(results["rows"])
-                _write(args.out, results)
+                results["rows"].append(rows[lib])
+            _ratios(results["rows"])
+            _write(args.out, results)
     _ratios(results["rows"])
     _write(args.out, results)
     print()
     print(table(results))
+
+
+def _merge_rounds(runs: list[dict]) -> dict:
+    """The last run's record, with timings replaced by their median over the runs so far."""
+    out = dict(runs[-1])
+    for key in ("fwd_ms", "step_ms"):
+        vals = [r[key] for r in runs]
+        out[key] = statistics.median(vals)
+        if len(runs) > 1:
+            out[f"{key}_rounds"] = vals
+    return out
 
 
 def _brief(row):

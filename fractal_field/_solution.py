@@ -33,8 +33,10 @@ class Stats(eqx.Module):
     - `num_steps`: solver steps taken.
     - `num_fn_evals`: map evaluations, in fine-grid-equivalent work (a multigrid evaluation
       on a grid 4x smaller counts 1/4).
-    - `residual`: final absolute residual `||f(z) - z||` of the returned value.
-    - `relative_residual`: `||f(z) - z|| / ||f(z)||`.
+    - `residual`: the stopping test's absolute residual `||f(z_k) - z_k||` at the last
+      iterate `z_k`. The returned value is `f(z_k)` by default (`polish=True`), whose own
+      residual is smaller by the map's contraction factor.
+    - `relative_residual`: `||f(z_k) - z_k|| / ||f(z_k)||`.
     - `residual_trace`: the absolute residual at each step (NaN past the last step), or
       `None` unless `fixed_point(..., residual_trace=True)`.
     - `trajectory`: recorded iterates (leading axis: record index), or `None`.

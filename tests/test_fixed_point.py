@@ -127,12 +127,17 @@ def test_linear_map_matches_linear_solve(kind, solver):
         assert v.dtype == z.dtype and v.shape == z.shape
     n = int(sol.stats.num_steps)
     assert 0 < n < 500
-    # Stats agree with an independent recomputation at the returned value.
-    res = _residual(fn, sol.value, args)
-    fnorm = _norm(fn(sol.value, args))
+    # Stats agree with an independent recomputation at the last iterate, which
+    # `polish=False` returns; the default returns its image, closer to the fixed point.
+    last = SOLVE(fn, z0, args, solver=solver, max_steps=500, polish=False, **TIGHT)
+    assert int(last.stats.num_steps) == n
+    res = _residual(fn, last.value, args)
+    fnorm = _norm(fn(last.value, args))
     np.testing.assert_allclose(float(sol.stats.residual), res, rtol=1e-6, atol=1e-15)
     np.testing.assert_allclose(float(sol.stats.relative_residual), res / fnorm, rtol=1e-6)
     assert float(sol.stats.residual) <= 1e-12
+    _assert_tree_close(sol.value, fn(last.value, args), 1e-14)
+    assert _residual(fn, sol.value, args) < res
     # One map evaluation before the loop plus one per step.
     assert float(sol.stats.num_fn_evals) == n + 1
     assert sol.stats.residual_trace is None and sol.stats.trajectory is None
@@ -143,7 +148,7 @@ def test_linear_map_other_data_reuses_solver(solver):
     # Several random problems through the same compiled solve.
     for seed in range(1, 4):
         fn, z0, args, expected = _linear_problem("complex", np.random.default_rng(seed))
-        sol = SOLVE(fn, z0, args, solver=solver, max_steps=500, **TIGHT)
+        sol = SOLVE(fn, z0, args, solver=solver, max_steps=500, polish=False, **TIGHT)
         assert _is(sol.result, ff.RESULTS.successful)
         np.testing.assert_allclose(np.asarray(sol.value), expected, rtol=0, atol=1e-10)
         assert float(sol.stats.residual) <= 1e-12
@@ -680,3 +685,30 @@ def test_invalid_hyperparameters(make, match):
 def test_invalid_driver_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         ff.fixed_point(_half, jnp.zeros(2), **kwargs)
+
+
+def test_polish_is_per_sample_under_vmap():
+    # z -> a z + 1: a=0.5 converges within 30 steps, a=0.99 does not.
+    def solve(a):
+        return ff.fixed_point(
+            lambda z, a: a * z + 1.0,
+            jnp.array(0.0),
+            a,
+            solver=ff.Naive(),
+            max_steps=30,
+            rtol=0.0,
+            atol=1e-6,
+            throw=False,
+        )
+
+    sol = jax.jit(jax.vmap(solve))(jnp.array([0.5, 0.99]))
+    codes = [ff.RESULTS.successful, ff.RESULTS.max_steps_reached]
+    for i, (a, code) in enumerate(zip([0.5, 0.99], codes, strict=True)):
+        assert _is(sol.result, code)[i]
+        # Independent iteration: z_k after the solver's number of steps.
+        z = 0.0
+        for _ in range(int(sol.stats.num_steps[i])):
+            z = a * z + 1.0
+        # Success returns f(z_k); failure returns z_k itself.
+        expected = a * z + 1.0 if i == 0 else z
+        np.testing.assert_allclose(float(sol.value[i]), expected, rtol=0, atol=1e-14)
