@@ -386,7 +386,6 @@ def train(
     log = open(workdir / "metrics.jsonl" if main else os.devnull, "a")  # noqa: SIM115
     eval_log = open(workdir / "eval.jsonl" if main else os.devnull, "a")  # noqa: SIM115
     ckpt_every = config.get("checkpoint_every_steps", 0)
-    last_done = [time.time()]
     # The schedule evaluated once for all steps (not one small device computation per step).
     total_steps = config.epochs * steps_per_epoch
     lrs = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(max(total_steps, 1))))
@@ -394,12 +393,10 @@ def train(
     def lr_at(step: int) -> float:
         return float(lrs[min(step, len(lrs) - 1)])
 
-    def report(m, step, epoch):
+    def report(m, step, epoch, step_time):
         """Log one step's metrics (waits for that step); raise if its loss is not finite."""
         m = {k: float(v) for k, v in jax.device_get(m).items()}  # one transfer
-        now = time.time()
-        m.update(step=step, epoch=epoch, step_time=now - last_done[0], lr=lr_at(step))
-        last_done[0] = now
+        m.update(step=step, epoch=epoch, step_time=step_time, lr=lr_at(step))
         log.write(json.dumps(m) + "\n")
         if bar is not None:
             bar.update(1)
@@ -425,7 +422,7 @@ def train(
         with _Interrupt() as interrupt:
             while state["epoch"] < config.epochs and not stopped:
                 epoch = state["epoch"]
-                t_epoch = last_done[0] = time.time()
+                t_epoch = t_prev = time.time()
                 bar = None
                 if progress:
                     from tqdm import tqdm
@@ -444,9 +441,14 @@ def train(
                     y = _host_batch_to_global(labels, data_sharding)
                     step_key = jr.fold_in(aug_key, state["step"])
                     model, opt_state, m = train_step(step_key, model, opt_state, x, y)
+                    # Step time: between consecutive dispatches. In steady state the loop is
+                    # paced by the device (asynchronous dispatch waits on the metrics read
+                    # below; synchronous CPU execution returns when the step is done).
+                    now = time.time()
+                    step_time, t_prev = now - t_prev, now
                     if pending is not None:
                         report(*pending)
-                    pending = (m, state["step"], epoch)
+                    pending = (m, state["step"], epoch, step_time)
                     state["step"] += 1
                     state["batch"] += 1
                     ckpt_due = bool(ckpt_every) and state["step"] % ckpt_every == 0

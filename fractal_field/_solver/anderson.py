@@ -8,17 +8,47 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Bool, Inexact, Int
+from jaxtyping import Array, Bool, Float, Inexact, Int
 
 from .base import AbstractFixedPointSolver
 
 
 class _AndersonState(eqx.Module):
-    gs: Inexact[Array, "m n"]  # residuals f(z_i) - z_i
-    fys: Inexact[Array, "m n"]  # f(z_i)
+    # Complex states are stored as separate real and imaginary planes: on XLA:CPU complex
+    # matrix-vector products (and real/imag interleaving) run several times slower than real
+    # products doing the same work.
+    gs: tuple[Float[Array, "m n"], ...]  # residuals f(z_i) - z_i: (re,) or (re, im)
+    fys: tuple[Float[Array, "m n"], ...]  # f(z_i), the same way
     gram: Inexact[Array, "m m"]  # <g_i, g_j>, updated one row/column per step
     count: Int[Array, ""]
     restarts: Int[Array, ""]
+
+
+def _planes(v: Inexact[Array, " n"]) -> tuple[Float[Array, " n"], ...]:
+    return (v.real, v.imag) if jnp.iscomplexobj(v) else (v,)
+
+
+def _inner_row(hist, v, real_coef: bool, dtype):
+    """`row[j] = <h_j, v> = sum conj(h_j) v` (its real part if `real_coef`)."""
+    if len(hist) == 1:
+        return (hist[0] @ v[0]).astype(dtype)
+    (hr, hi), (vr, vi) = hist, v
+    re = hr @ vr + hi @ vi
+    if real_coef:
+        return re.astype(dtype)
+    return jax.lax.complex(re, hr @ vi - hi @ vr).astype(dtype)
+
+
+def _combine(coef: Inexact[Array, " m"], hist) -> tuple[Float[Array, " n"], ...]:
+    """`sum_i coef_i h_i`, plane by plane."""
+    ar = jnp.real(coef).astype(hist[0].dtype)
+    if len(hist) == 1:
+        return (ar @ hist[0],)
+    hr, hi = hist
+    if not jnp.iscomplexobj(coef):
+        return ar @ hr, ar @ hi
+    ai = jnp.imag(coef).astype(hr.dtype)
+    return ar @ hr - ai @ hi, ar @ hi + ai @ hr
 
 
 class Anderson(AbstractFixedPointSolver):
@@ -60,29 +90,30 @@ class Anderson(AbstractFixedPointSolver):
 
     def init(self, fn, y, fy, args):
         flat, _ = ravel_pytree(y)
-        buf = jnp.zeros((self.history,) + flat.shape, flat.dtype)
+        buf = tuple(jnp.zeros((self.history,) + p.shape, p.dtype) for p in _planes(flat))
         gram = jnp.zeros((self.history, self.history), flat.dtype)
         return _AndersonState(buf, buf, gram, jnp.array(0), jnp.array(0))
 
     def step(self, fn, y, fy, args, state: _AndersonState):
         # Memory-bound on large states: per step, one pass over the residual history (the new
-        # Gram row) and one over the f-history (the mixed iterate); nothing else of size m x n.
+        # Gram row) and one over the f-history (the mixed iterate), two each with complex
+        # weights; nothing else of size m x n.
         y_flat, unravel = ravel_pytree(y)
         fy_flat, _ = ravel_pytree(fy)
         m = self.history
         slot = state.count % m
-        g_new = fy_flat - y_flat
-        gs = state.gs.at[slot].set(g_new)
-        fys = state.fys.at[slot].set(fy_flat)
+        g_new = _planes(fy_flat - y_flat)
+        f_new = _planes(fy_flat)
+        gs = tuple(h.at[slot].set(v) for h, v in zip(state.gs, g_new, strict=True))
+        fys = tuple(h.at[slot].set(v) for h, v in zip(state.fys, f_new, strict=True))
         valid: Bool[Array, " m"] = jnp.arange(m) < jnp.minimum(state.count + 1, m)
 
-        row = jnp.conj(gs) @ g_new  # row[j] = <g_j, g_new>
-        full = state.gram.at[:, slot].set(row).at[slot, :].set(jnp.conj(row))
-        gram = full
         leaves = jax.tree_util.tree_leaves(y)
         mixed = len({jnp.iscomplexobj(x) for x in leaves}) > 1
-        if self.coefficients == "real" or mixed or not jnp.iscomplexobj(gram):
-            gram = jnp.real(gram)
+        real_coef = self.coefficients == "real" or mixed or not jnp.iscomplexobj(state.gram)
+        row = _inner_row(gs, g_new, real_coef, state.gram.dtype)
+        full = state.gram.at[:, slot].set(row).at[slot, :].set(jnp.conj(row))
+        gram = jnp.real(full) if real_coef else full
         both = valid[:, None] & valid[None, :]
         diag = jnp.real(jnp.diagonal(gram))
         scale = jnp.sum(jnp.where(valid, diag, 0)) / jnp.maximum(jnp.sum(valid), 1)
@@ -92,15 +123,20 @@ class Anderson(AbstractFixedPointSolver):
         alpha = jnp.linalg.solve(gram, valid.astype(gram.dtype))
         alpha = alpha / jnp.sum(alpha)
         ok = jnp.all(jnp.isfinite(alpha))
-        alpha = jnp.where(ok, alpha, 0).astype(fys.dtype)
+        alpha = jnp.where(ok, alpha, 0)
 
-        mixed_f = alpha @ fys
+        mixed_f = _combine(alpha, fys)
         if self.mixing == 1:
-            accel, plain = mixed_f, fy_flat
+            accel, plain = mixed_f, f_new
         else:  # sum alpha_i z_i = sum alpha_i (f(z_i) - g_i)
-            accel = mixed_f - (1 - self.mixing) * (alpha @ gs)
-            plain = fy_flat - (1 - self.mixing) * g_new
-        y_new_flat = jnp.where(ok, accel, plain)
+            beta = 1 - self.mixing
+            accel = tuple(a - beta * b for a, b in zip(mixed_f, _combine(alpha, gs), strict=True))
+            plain = tuple(a - beta * b for a, b in zip(f_new, g_new, strict=True))
+        y_new = [jnp.where(ok, a, b) for a, b in zip(accel, plain, strict=True)]
+        if len(y_new) == 2:
+            y_new_flat = jax.lax.complex(*y_new).astype(y_flat.dtype)
+        else:
+            y_new_flat = y_new[0].astype(y_flat.dtype)
         count = jnp.where(ok, state.count + 1, 0)
         restarts = state.restarts + (~ok).astype(jnp.int32)
         new_state = _AndersonState(gs, fys, full, count, restarts)
