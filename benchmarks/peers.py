@@ -1086,6 +1086,10 @@ def main():
                     if row["status"] == "failed":
                         err = row["error"].strip().replace("\n", "\n    ")[-1500:]
                         print("    " + err, flush=True)
+                    # Write after every case, so an interrupted run keeps what it measured.
+                    partial = results["rows"] + [rows[x] for x in libs if "status" in rows[x]]
+                    _ratios(partial)
+                    _write(args.out, dict(results, rows=partial))
             for lib in libs:
                 results["rows"].append(rows[lib])
             _ratios(results["rows"])
