@@ -47,6 +47,7 @@ from ._solver import (
     Multigrid as Multigrid,
     Naive as Naive,
 )
+from ._tapconv import toroidal_correlate as toroidal_correlate
 from ._train import (
     evaluate as evaluate,
     export_model as export_model,

@@ -142,10 +142,18 @@ def _implicit_bwd(z_star, grad_obj, perturbed, vjp_arg, z0, cfg, adjoint: Implic
         z_star,
         is_leaf=lambda x: x is None,
     )
-    _, vjp_z = jax.vjp(lambda y: fn(y, args), z_star)
+    dyn, rest = eqx.partition((fn, args), (perturbed[0], perturbed[1]))
+
+    def at(y, d):
+        f, a = eqx.combine(d, rest)
+        return f(y, a)
+
+    # Linearise once, in `z` and the parameters together: the backward loop uses the `z` part
+    # (the parameter part is dead code there), the final step the parameter part.
+    _, vjp_all = jax.vjp(at, z_star, dyn)
 
     def linear(u, _):
-        return tree_add(vjp_z(u)[0], g)
+        return tree_add(vjp_all(u)[0], g)
 
     bcfg = _Config(
         solver=adjoint.solver,
@@ -159,14 +167,7 @@ def _implicit_bwd(z_star, grad_obj, perturbed, vjp_arg, z0, cfg, adjoint: Implic
     failed = bresult != RESULTS.successful
     if adjoint.throw:
         u = bresult.error_if(u, failed)
-    dyn, rest = eqx.partition((fn, args), (perturbed[0], perturbed[1]))
-
-    def at_params(d):
-        f, a = eqx.combine(d, rest)
-        return f(z_star, a)
-
-    _, vjp_p = jax.vjp(at_params, dyn)
-    (g_params,) = vjp_p(u)
+    _, g_params = vjp_all(u)
     probe_ct = jnp.stack(
         [
             bstats.num_steps.astype(jnp.float32),

@@ -10,7 +10,6 @@ Complex arithmetic is used throughout (no conjugation). Real floating inputs are
 weight's complex dtype (real fields are complex fields with zero imaginary part).
 """
 
-import functools
 import math
 from typing import Literal
 
@@ -20,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jaxtyping import Array, Complex, PRNGKeyArray
+
+from ._tapconv import toroidal_correlate
 
 Impl = Literal["direct", "spectral", "auto"]
 
@@ -55,85 +56,6 @@ def complex_rayleigh_init(
     modulus = sigma * jnp.sqrt(-2 * jnp.log(u))
     phase = jax.random.uniform(kphase, shape, real_dtype, minval=-math.pi, maxval=math.pi)
     return (modulus * jnp.exp(1j * phase)).astype(dtype)
-
-
-#
-# Direct implementation: wrap padding + NHWC convolution, with an explicit transpose.
-#
-
-
-def _direct_plain(
-    kernel: Complex[Array, "d k k cin cout"],
-    x: Complex[Array, "n h w cin"],
-    dilations: tuple[int, ...],
-) -> Complex[Array, "n h w cout"]:
-    k = kernel.shape[1]
-    c = k // 2
-    pad = max(dilations) * c
-    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="wrap")
-    h, w = x.shape[1], x.shape[2]
-    out = None
-    for j, r in enumerate(dilations):
-        lo = pad - r * c
-        xj = xp[:, lo : lo + h + 2 * r * c, lo : lo + w + 2 * r * c, :]
-        yj = lax.conv_general_dilated(
-            xj,
-            kernel[j],
-            window_strides=(1, 1),
-            padding="VALID",
-            rhs_dilation=(r, r),
-            # NHWC: NCHW convolutions inside a while loop miss XLA:CPU's fast kernel (~4x slower).
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        out = yj if out is None else out + yj
-    return out
-
-
-def _direct_transpose_kernel(kernel: Array) -> Array:
-    # The linear transpose (not the adjoint) of a toroidal correlation is the correlation with the
-    # spatially flipped, channel-swapped kernel.
-    return jnp.swapaxes(jnp.flip(kernel, axis=(1, 2)), 3, 4)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _direct(kernel, x, dilations):
-    return _direct_plain(kernel, x, dilations)
-
-
-def _direct_fwd(kernel, x, dilations):
-    return _direct_plain(kernel, x, dilations), (kernel, x)
-
-
-def _direct_bwd(dilations, res, ct):
-    # Explicit transposes: autodiff's transposed convolutions are ~10x slower on XLA:CPU.
-    kernel, x = res
-    ct_x = _direct_plain(_direct_transpose_kernel(kernel), ct, dilations)
-    return _direct_kernel_grad(x, ct, kernel.shape[1], dilations), ct_x
-
-
-def _direct_kernel_grad(
-    x: Complex[Array, "n h w cin"],
-    ct: Complex[Array, "n h w cout"],
-    k: int,
-    dilations: tuple[int, ...],
-) -> Complex[Array, "d k k cin cout"]:
-    # One channel contraction per tap. Autodiff's kernel gradient (a convolution with unusual
-    # dimension numbers) is ~50x slower inside a loop on XLA:CPU.
-    c = k // 2
-    pad = max(dilations) * c
-    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="wrap")
-    h, w = x.shape[1], x.shape[2]
-    taps = []
-    for r in dilations:
-        for a in range(k):
-            for b in range(k):
-                lo_h, lo_w = pad + r * (a - c), pad + r * (b - c)
-                xs = xp[:, lo_h : lo_h + h, lo_w : lo_w + w, :]
-                taps.append(jnp.einsum("nhwi,nhwo->io", xs, ct))
-    return jnp.stack(taps).reshape((len(dilations), k, k) + taps[0].shape)
-
-
-_direct.defvjp(_direct_fwd, _direct_bwd)
 
 
 #
@@ -176,7 +98,7 @@ class ToroidalOperator(eqx.Module):
 
 
 class DirectOperator(ToroidalOperator):
-    """Wrap padding + NHWC `lax.conv_general_dilated`, with an explicit linear transpose."""
+    """One matrix product per kernel row on the `[re | im]` planes (`ff.toroidal_correlate`)."""
 
     kernel: Complex[Array, "d k k cin cout"]
     dilations: tuple[int, ...] = eqx.field(static=True)
@@ -187,7 +109,7 @@ class DirectOperator(ToroidalOperator):
         z = _as_complex(z, self.kernel.dtype, cin, "DirectOperator")
         if z.shape[1:] != self.shape:
             raise ValueError(f"operator built for grid {self.shape}, got {z.shape[1:]}.")
-        y = _direct(self.kernel, jnp.transpose(z, (1, 2, 0))[None], self.dilations)
+        y = toroidal_correlate(jnp.transpose(z, (1, 2, 0))[None], self.kernel, self.dilations)
         return jnp.transpose(y[0], (2, 0, 1))
 
 
