@@ -8,6 +8,12 @@ Batch 32, complex64, vmapped over the batch; per configuration and implementatio
 - `fwd`, `fwd_bwd`: one standalone application (operator built inside).
 
 All figures are milliseconds per application (medians after warm-up).
+
+Real fields (`real_rows`, problem A of `benchmarks/peers.py`: float32, channels-last, batch 32,
+`z <- tanh(conv(z) + x)`): `ff.toroidal_correlate` against the fastest plain-`lax`
+formulation (wrap padding + NHWC `lax.conv_general_dilated`, with a `custom_vjp` whose
+transpose is the same conv with the flipped kernel), same loop measurements.
+
 Run: `python benchmarks/conv.py [--quick]`; writes `benchmarks/results/conv.json`.
 """
 
@@ -73,6 +79,67 @@ def _bench(conv, size, impl, repeats):
     }
 
 
+def _lax_conv():
+    """Wrap padding + NHWC `lax.conv_general_dilated`, explicit fast transpose (peers.py's
+    `nhwc-vjp`)."""
+
+    def plain(z, k):
+        zp = jnp.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap")
+        return jax.lax.conv_general_dilated(
+            zp, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    @jax.custom_vjp
+    def conv(z, k):
+        return plain(z, k)
+
+    def fwd(z, k):
+        return plain(z, k), (z, k)
+
+    def bwd(res, ct):
+        z, k = res
+        ct_z = plain(ct, jnp.swapaxes(jnp.flip(k, (0, 1)), 2, 3))
+        zp = jnp.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap")
+        h, w = z.shape[1:3]
+        taps = [
+            jnp.einsum("nhwi,nhwo->io", zp[:, a : a + h, b : b + w], ct)
+            for a in range(3)
+            for b in range(3)
+        ]
+        return ct_z, jnp.stack(taps).reshape(k.shape)
+
+    conv.defvjp(fwd, bwd)
+    return conv
+
+
+def _bench_real(size, c, impl, repeats):
+    import fractal_field as ff
+
+    key_z, key_k = jax.random.split(jax.random.PRNGKey(2))
+    x = jax.random.normal(key_z, (BATCH, size, size, c), jnp.float32)
+    k = 0.3 * jax.random.normal(key_k, (3, 3, c, c), jnp.float32) / (3 * np.sqrt(c))
+    conv = _lax_conv() if impl == "lax" else (lambda z, k: ff.toroidal_correlate(z, k[None]))
+
+    def loop(k, x):
+        return jax.lax.fori_loop(0, N_LOOP, lambda _, z: jnp.tanh(conv(z, k) + x), x)
+
+    def loss_loop(k, x):
+        return jnp.sum(loop(k, x) ** 2)
+
+    def vjp_loop(k, x):
+        _, vjp = jax.vjp(lambda z: conv(z, k), x)
+        return jax.lax.fori_loop(0, N_LOOP, lambda _, u: vjp(u)[0] + x, x)
+
+    flops = 2 * BATCH * size * size * 9 * c * c
+    fwd = _median_ms(jax.jit(loop), k, x, repeats=repeats) / N_LOOP
+    return {
+        "loop_fwd": fwd,
+        "loop_fwd_bwd": _median_ms(jax.jit(jax.grad(loss_loop)), k, x, repeats=repeats) / N_LOOP,
+        "vjp_loop": _median_ms(jax.jit(vjp_loop), k, x, repeats=repeats) / N_LOOP,
+        "loop_fwd_gflops": flops / fwd / 1e6,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer configurations")
@@ -81,6 +148,17 @@ def main():
         "--max-direct-work", type=int, default=9 * 64 * 64, help="skip direct above taps*C^2"
     )
     args = parser.parse_args()
+    real_rows = []
+    for c in (16, 32) if args.quick else (16, 32, 64):
+        for impl in ("lax", "toroidal_correlate"):
+            res = _bench_real(28, c, impl, args.repeats)
+            real_rows.append(dict(size=28, channels=c, impl=impl, **res))
+            print(
+                f"real 28x28 C={c:3d} {impl:18s} "
+                + " ".join(f"{k}={v:8.2f}" for k, v in res.items()),
+                flush=True,
+            )
+    _write([], real_rows)
     sizes = (28,) if args.quick else (28, 32)
     channels = (16, 32) if args.quick else (16, 32, 64)
     dilation_sets = ((1,), (1, 2, 4))
@@ -97,16 +175,16 @@ def main():
                     res = _bench(conv, size, impl, args.repeats)
                     row = dict(dilations=list(dilations), size=size, channels=c, impl=impl, **res)
                     rows.append(row)
-                    _write(rows)
+                    _write(rows, real_rows)
                     print(
                         f"k=3 d={dilations!s:9} {size}x{size} C={c:3d} {impl:8s} "
                         + " ".join(f"{k}={v:8.2f}" for k, v in res.items()),
                         flush=True,
                     )
-    _table(rows)
+    _table(rows, real_rows)
 
 
-def _write(rows):
+def _write(rows, real_rows):
     out = {
         "units": "ms per application, batch 32, complex64, median",
         "n_loop": N_LOOP,
@@ -116,13 +194,21 @@ def _write(rows):
         "machine": platform.machine(),
         "cpu_count": __import__("os").cpu_count(),
         "rows": rows,
+        "real_units": "ms per application, batch 32, float32, NHWC, median; GFLOP/s of loop_fwd",
+        "real_rows": real_rows,
     }
     path = pathlib.Path(__file__).parent / "results" / "conv.json"
     path.parent.mkdir(exist_ok=True, parents=True)
     path.write_text(json.dumps(out, indent=2))
 
 
-def _table(rows):
+def _table(rows, real_rows):
+    rk = ("loop_fwd", "loop_fwd_bwd", "vjp_loop", "loop_fwd_gflops")
+    print("\n| real grid | C | impl | " + " | ".join(rk) + " |")
+    print("|" + "---|" * (3 + len(rk)))
+    for r in real_rows:
+        cells = " | ".join(f"{r[k]:.1f}" for k in rk)
+        print(f"| {r['size']} | {r['channels']} | {r['impl']} | {cells} |")
     keys = ("loop_fwd", "loop_fwd_bwd", "vjp_loop", "fwd", "fwd_bwd")
     print("\n| dilations | grid | C | impl | " + " | ".join(keys) + " |")
     print("|" + "---|" * (4 + len(keys)))
