@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Complex, PRNGKeyArray
+from jaxtyping import Array, Complex, Float, PRNGKeyArray
 
 from ._tapconv import toroidal_correlate
 
@@ -114,19 +114,38 @@ class DirectOperator(ToroidalOperator):
 
 
 class SpectralOperator(ToroidalOperator):
-    """FFT on the torus, per-frequency channel mixing, inverse FFT."""
+    """FFT on the torus, per-frequency channel mixing, inverse FFT.
 
-    spectrum: Complex[Array, "hw cout cin"]
+    The mixing is a real product on the `[re | im]` planes with the block matrices
+    `[[Re S, Im S], [-Im S, Re S]]` (one per frequency): XLA:CPU's complex matrix products are
+    several times slower than real ones, and this form was ~15% faster per application at the
+    MNIST Nano and CIFAR sizes (batch 128, 2-core CPU).
+    """
+
+    block: Float[Array, "hw 2cin 2cout"]
     shape: tuple[int, int] = eqx.field(static=True)
 
+    @staticmethod
+    def from_spectrum(s: Complex[Array, "cout cin h w"]) -> "SpectralOperator":
+        cout, cin, h, w = s.shape
+        st = jnp.transpose(s.reshape(cout, cin, h * w), (2, 1, 0))  # (hw, cin, cout)
+        sr, si = jnp.real(st), jnp.imag(st)
+        top = jnp.concatenate([sr, si], axis=-1)  # rows acting on Re z
+        bottom = jnp.concatenate([-si, sr], axis=-1)  # rows acting on Im z
+        return SpectralOperator(jnp.concatenate([top, bottom], axis=1), (h, w))
+
     def __call__(self, z: Complex[Array, "cin h w"]) -> Complex[Array, "cout h w"]:
-        _, cout, cin = self.spectrum.shape
-        z = _as_complex(z, self.spectrum.dtype, cin, "SpectralOperator")
+        _, cin2, cout2 = self.block.shape
+        cin, cout = cin2 // 2, cout2 // 2
+        cdtype = jnp.complex128 if self.block.dtype == jnp.float64 else jnp.complex64
+        z = _as_complex(z, cdtype, cin, "SpectralOperator")
         if z.shape[1:] != self.shape:
             raise ValueError(f"operator built for grid {self.shape}, got {z.shape[1:]}.")
         h, w = self.shape
         zf = jnp.fft.fft2(z).reshape(cin, h * w)
-        yf = jnp.einsum("foi,if->of", self.spectrum, zf)
+        planes = jnp.concatenate([jnp.real(zf), jnp.imag(zf)], axis=0)
+        yf = jnp.einsum("fio,if->of", self.block, planes)
+        yf = lax.complex(yf[:cout], yf[cout:])
         return jnp.fft.ifft2(yf.reshape(cout, h, w))
 
 
@@ -228,8 +247,7 @@ class ToroidalConv(eqx.Module):
             kernel = jnp.transpose(self.weight, (0, 3, 4, 2, 1))
             return DirectOperator(kernel, self.dilations, (h, w))
         elif impl == "spectral":
-            s = self.spectrum(h, w).reshape(self.out_channels, self.in_channels, h * w)
-            return SpectralOperator(jnp.transpose(s, (2, 0, 1)), (h, w))
+            return SpectralOperator.from_spectrum(self.spectrum(h, w))
         raise ValueError(f"`impl` must be 'direct', 'spectral' or 'auto', got {impl!r}.")
 
     def __call__(
