@@ -71,7 +71,8 @@ Conv formulation for problem A (`--conv` for fractal-field, `--peer-conv` for th
 - `taps` (fractal-field's default): `ff.toroidal_correlate`, the library's channels-last
   toroidal correlation: per kernel row-shift stacked along channels, one
   `(n h w, 3 cin) @ (3 cin, 3 cout)` product, column shifts added on the output; explicit VJP
-  of the same form. About 2x faster than XLA:CPU's convolution here (`benchmarks/conv.py`).
+  of the same form. About 2x faster than XLA:CPU's convolution at 32 channels
+  (`benchmarks/conv.py`).
 - `nhwc-vjp` (the JAX peers' default: the fastest plain-`lax` formulation, already more tuned
   than what most users write): state kept NHWC, wrap padding + `lax.conv_general_dilated` with
   `("NHWC", "HWIO", "NHWC")`, and a `jax.custom_vjp` whose transpose is the same fast conv with
@@ -283,10 +284,20 @@ def jax_problem_a(conv: str, dtype):
     ident = (lambda z: z, lambda z: z)
 
     if conv == "taps":
-        import fractal_field as ff
+        try:
+            from fractal_field import toroidal_correlate
+        except ImportError:  # a peer's venv without fractal-field (banax, Python 3.12)
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location(
+                "_ff_tapconv", REPO / "fractal_field" / "_tapconv.py"
+            )
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            toroidal_correlate = mod.toroidal_correlate
 
         def c(z, k):
-            return ff.toroidal_correlate(z, k[None])
+            return toroidal_correlate(z, k[None])
 
     if conv in ("nhwc-vjp", "nhwc", "taps"):
         if conv != "taps":

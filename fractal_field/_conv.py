@@ -152,25 +152,22 @@ class SpectralOperator(ToroidalOperator):
 def auto_impl(channels: int, h: int, w: int, taps: int) -> Literal["direct", "spectral"]:
     """The implementation `impl="auto"` picks: spectral unless the kernel has fewer than 9 taps.
 
-    Measured with `benchmarks/conv.py` (XLA:CPU, jaxlib 0.10.2, 2 shared cores so +-30% noise;
-    complex64, batch 32 via `vmap`, 20 applications in a `fori_loop` with the operator built
-    outside; ms per application, forward / gradient through the loop):
+    Measured with `benchmarks/conv.py --quick` (XLA:CPU, jaxlib 0.10.2, 2 shared cores so
+    +-20% noise; complex64, batch 32 via `vmap`, 20 applications in a `fori_loop` with the
+    operator built outside; ms per application, forward / gradient through the loop; direct is
+    `ff.toroidal_correlate` on the `[re | im]` planes):
 
     | kernel, dilations | grid  | C  | direct      | spectral  |
     |-------------------|-------|----|-------------|-----------|
-    | 3x3, (1,)         | 28x28 | 16 | 21 / 104    | 24 / 43   |
-    | 3x3, (1,)         | 28x28 | 32 | 67 / 293    | 36 / 117  |
-    | 3x3, (1,)         | 28x28 | 64 | 333 / 1048  | 133 / 299 |
-    | 3x3, (1,)         | 32x32 | 16 | 19 / 88     | 26 / 81   |
-    | 3x3, (1,)         | 32x32 | 64 | 510 / 1080  | 107 / 324 |
-    | 3x3, (1, 2, 4)    | 28x28 | 16 | 46 / 155    | 12 / 34   |
-    | 3x3, (1, 2, 4)    | 28x28 | 32 | 157 / 533   | 46 / 116  |
-    | 3x3, (1, 2, 4)    | 28x28 | 64 | (minutes)   | 136 / 325 |
+    | 3x3, (1,)         | 28x28 | 16 | 9.2 / 33    | 11 / 31   |
+    | 3x3, (1,)         | 28x28 | 32 | 31 / 107    | 19 / 59   |
+    | 3x3, (1, 2, 4)    | 28x28 | 16 | 28 / 72     | 7.5 / 25  |
+    | 3x3, (1, 2, 4)    | 28x28 | 32 | 79 / 276    | 21 / 60   |
 
     Spectral costs `O(C^2 hw + C hw log hw)` whatever the number of taps, direct
-    `O(taps C^2 hw)`. Direct only ties or wins for the forward pass of a single 3x3 scale at
-    16 channels (within noise) and loses every gradient, so it is kept for kernels with fewer
-    than 9 taps (e.g. 1x1, a plain channel mix) only.
+    `O(taps C^2 hw)`. Direct only wins the forward pass of a single 3x3 scale at 16 channels
+    and loses or ties every gradient, so it is kept for kernels with fewer than 9 taps (e.g.
+    1x1, a plain channel mix) only.
     """
     del channels, h, w
     return "direct" if taps < 9 else "spectral"

@@ -3,9 +3,12 @@
 `y[n, p, q, o] = sum_{j,a,b,i} K[j,a,b,i,o] x[n, (p + r_j (a - c)) % h, (q + r_j (b - c)) % w, i]`
 for channels-last fields, real or complex, with dilations `r_j` and `c = k // 2`.
 
-On XLA:CPU a 3x3 `lax.conv_general_dilated` runs at roughly a third of the machine's
-matrix-multiply rate; nine shifted `(n h w, cin) @ (cin, cout)` products run at roughly two
-thirds (`benchmarks/conv.py`). Complex fields are carried as real `[re | im]` channel planes
+Per scale the `k` row shifts of the input are stacked along channels and one
+`(n h w, k cin) @ (k cin, k cout)` product computes every tap; the `k` column shifts are added
+on the output. On XLA:CPU (`benchmarks/conv.py`, real rows: batch 32, 28x28, a `tanh` loop)
+this runs at 80 GFLOP/s at 32 channels against 36 for `lax.conv_general_dilated` (2.2x; 1.6x
+for the gradient through the loop), but at 16 channels XLA's convolution is faster (1.3 vs
+2.2 ms forward, equal gradient). Complex fields are carried as real `[re | im]` channel planes
 with a real block kernel, because XLA:CPU's complex products are slow. The VJP is written
 out: the transpose is the same correlation with the flipped, channel-swapped kernel, and the
 kernel gradient is one channel contraction per tap.
