@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Complex, Float, PRNGKeyArray
 
-from ._tapconv import toroidal_correlate
+from ._tapconv import block_matrix, toroidal_correlate
 
 Impl = Literal["direct", "spectral", "auto"]
 
@@ -129,10 +129,7 @@ class SpectralOperator(ToroidalOperator):
     def from_spectrum(s: Complex[Array, "cout cin h w"]) -> "SpectralOperator":
         cout, cin, h, w = s.shape
         st = jnp.transpose(s.reshape(cout, cin, h * w), (2, 1, 0))  # (hw, cin, cout)
-        sr, si = jnp.real(st), jnp.imag(st)
-        top = jnp.concatenate([sr, si], axis=-1)  # rows acting on Re z
-        bottom = jnp.concatenate([-si, sr], axis=-1)  # rows acting on Im z
-        return SpectralOperator(jnp.concatenate([top, bottom], axis=1), (h, w))
+        return SpectralOperator(block_matrix(st), (h, w))
 
     def __call__(self, z: Complex[Array, "cin h w"]) -> Complex[Array, "cout h w"]:
         _, cin2, cout2 = self.block.shape

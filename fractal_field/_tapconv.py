@@ -98,7 +98,7 @@ def _correlate_bwd(dilations, res, ct):
 _correlate.defvjp(_correlate_fwd, _correlate_bwd)
 
 
-def _block_kernel(kernel: Array) -> Array:
+def block_matrix(kernel: Array) -> Array:
     """Complex `(.., cin, cout)` -> real `(.., 2 cin, 2 cout)` acting on `[re | im]` planes."""
     kr, ki = jnp.real(kernel), jnp.imag(kernel)
     top = jnp.concatenate([kr, ki], axis=-1)  # rows: re(x) -> [re(y) | im(y)]
@@ -138,6 +138,6 @@ def toroidal_correlate(
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(f"expected floating or complex operands, got {x.dtype} and {kernel.dtype}.")
     if jnp.issubdtype(dtype, jnp.complexfloating):
-        kernel = _block_kernel(kernel.astype(dtype))
+        kernel = block_matrix(kernel.astype(dtype))
         return from_planes(_correlate(kernel, to_planes(x.astype(dtype)), dilations))
     return _correlate(kernel.astype(dtype), x.astype(dtype), dilations)
