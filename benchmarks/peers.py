@@ -124,9 +124,16 @@ SMALL = {
     "B_cifar": dict(batch=2, channels=6, size=8),
 }
 LIBS = ["ff", "optimistix", "jaxopt", "torchdeq", "banax"]
-ALL_LIBS = LIBS + ["ff-naive", "jaxopt-fpi", "torchdeq-fpi", "torchdeq-batched", "banax-picard"]
+ALL_LIBS = LIBS + [
+    "ff-naive",
+    "ff-complex",
+    "jaxopt-fpi",
+    "torchdeq-fpi",
+    "torchdeq-batched",
+    "banax-picard",
+]
 CONVS = ["taps", "nhwc-vjp", "nhwc", "nchw", "fft"]
-PEER_OF = {"ff": None, "ff-naive": None}  # everything else is a peer
+PEER_OF = {"ff": None, "ff-naive": None, "ff-complex": None}  # everything else is a peer
 
 
 def _peak_rss_mb() -> float:
@@ -376,9 +383,13 @@ def jax_problem_b_split(n: int, alpha: float):
     return prep, apply
 
 
-def ff_problem_b(data: dict, dtype):
-    """fractal-field's own cell code (`FractalCell.step_with` + `ToroidalConv.operator`) on the
-    complex state, parameters `(Re W, Im W, bias)`: `(prep, apply, u)`."""
+def ff_problem_b(data: dict, dtype, planar: bool = False):
+    """fractal-field's own cell code, parameters `(Re W, Im W, bias)`: `(prep, apply, u)`.
+
+    `planar=False`: `FractalCell.step_with` + `ToroidalConv.operator` on the complex state
+    `(B, C, H, W)` (each field through `vmap`). `planar=True`: `FractalCell.planar_step` +
+    `ToroidalConv.planar_operator` on the batched planar state `ff.to_planar(z)`
+    `(2, H, W, C, B)`; the caller converts the injection in and the fixed point out."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -401,11 +412,15 @@ def ff_problem_b(data: dict, dtype):
         w_re, w_im, bias = params
         w = lax.complex(w_re, w_im).astype(cdtype)[None]
         cell = eqx.tree_at(lambda t: (t.conv.weight, t.act.bias), template, (w, bias))
-        return cell.act, cell.conv.operator(n, n)  # spectrum computed once per solve
+        # Spectrum computed once per solve.
+        op = cell.conv.planar_operator(n, n) if planar else cell.conv.operator(n, n)
+        return cell.act, op
 
     def apply(z, prepped, u):
         act, op = prepped
         cell = eqx.tree_at(lambda t: t.act, template, act)
+        if planar:
+            return cell.planar_step(op, z, u)
         return jax.vmap(lambda zi, ui: cell.step_with(op, zi, ui))(z, u)
 
     u = jnp.asarray(data["u_re"] + 1j * data["u_im"], cdtype)
@@ -561,8 +576,11 @@ def jax_case(lib: str, data: dict, ref: dict, conv: str, repeats: int) -> dict:
     params = [jnp.asarray(p) for p in params_np(data)]
 
     # --- the map, in the library's state layout: fn(z, (prep(params), inj)) -----------------
+    planar = lib in ("ff", "ff-naive") and kind == "B"
     if lib.startswith("ff") and kind == "B":
-        prep, apply, inj = ff_problem_b(data, jnp.float32)
+        prep, apply, inj = ff_problem_b(data, jnp.float32, planar=planar)
+        if planar:
+            notes.append("planar batch-last state (ff.to_planar), converted inside the timing")
 
         def to_nchw(z):
             return z
@@ -598,17 +616,21 @@ def jax_case(lib: str, data: dict, ref: dict, conv: str, repeats: int) -> dict:
     # --- the library's solve ----------------------------------------------------------------
     bwd_info = {}
 
-    if lib in ("ff", "ff-naive"):
+    if lib in ("ff", "ff-naive", "ff-complex"):
         import fractal_field as ff
 
-        s = ff.Anderson(history=HISTORY) if lib == "ff" else ff.Naive()
+        s = ff.Naive() if lib == "ff-naive" else ff.Anderson(history=HISTORY)
         adj = ff.ImplicitAdjoint(solver=s, rtol=0.0, atol=batol, max_steps=MAX_STEPS, throw=False)
 
         def solve(params, wrap=lambda f: f, probe=None):
             fn, a = build(params, wrap)
+            start = z0
+            if planar:  # one conversion in, one out, per solve
+                a = (a[0], ff.to_planar(a[1]))
+                start = jnp.zeros_like(a[1])
             sol = ff.fixed_point(
                 fn,
-                z0,
+                start,
                 a,
                 solver=s,
                 adjoint=adj,
@@ -619,7 +641,8 @@ def jax_case(lib: str, data: dict, ref: dict, conv: str, repeats: int) -> dict:
                 stats_probe=probe,
             )
             ok = sol.result == ff.RESULTS.successful
-            return sol.value, dict(steps=sol.stats.num_steps, ok=ok)
+            value = ff.from_planar(sol.value) if planar else sol.value
+            return value, dict(steps=sol.stats.num_steps, ok=ok)
 
     elif lib == "optimistix":
         import lineax as lx

@@ -40,6 +40,11 @@ from ._model import (
     make_model as make_model,
     param_summary as param_summary,
 )
+from ._planar import (
+    PlanarSpectralOperator as PlanarSpectralOperator,
+    from_planar as from_planar,
+    to_planar as to_planar,
+)
 from ._solution import RESULTS as RESULTS, Solution as Solution, Stats as Stats
 from ._solver import (
     AbstractFixedPointSolver as AbstractFixedPointSolver,

@@ -96,6 +96,16 @@ class FractalCell(eqx.Module):
         out = (1 - a) * z + a * self.act(op(z) + injection)
         return out.astype(z.dtype)
 
+    def planar_step(
+        self, op: Callable, p: Float[Array, "2 h w c b"], injection: Float[Array, "2 h w c b"]
+    ) -> Float[Array, "2 h w c b"]:
+        """One cell update on a batch of fields in the planar layout (`ff.to_planar`), with
+        `op = cell.conv.planar_operator(h, w)` built once per solve. Same map as `step_with`
+        applied to each field of the batch."""
+        a = self.alpha()
+        out = (1 - a) * p + a * self.act.planar(op(p) + injection)
+        return out.astype(p.dtype)
+
     def normalized(self) -> FractalCell:
         """This cell with the contraction rescaling applied once (a plain `ToroidalConv`), for
         solvers that call it at several grid sizes."""

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Complex, PRNGKeyArray
 
 from ._conv import DirectOperator, Impl, SpectralOperator, ToroidalConv
+from ._planar import PlanarSpectralOperator
 
 
 class ContractiveToroidalConv(eqx.Module):
@@ -106,6 +107,10 @@ class ContractiveToroidalConv(eqx.Module):
     ) -> DirectOperator | SpectralOperator:
         """The rescaled operator on the `h x w` torus; build once per solve (computes the norm)."""
         return self.normalised().operator(h, w, impl=impl)
+
+    def planar_operator(self, h: int, w: int) -> PlanarSpectralOperator:
+        """The rescaled operator for batched planar fields (`ToroidalConv.planar_operator`)."""
+        return self.normalised().planar_operator(h, w)
 
     def __call__(
         self, z: Complex[Array, "cin h w"], *, impl: Impl | None = None

@@ -20,6 +20,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Complex, Float, PRNGKeyArray
 
+from ._planar import PlanarSpectralOperator
 from ._tapconv import block_matrix, toroidal_correlate
 
 Impl = Literal["direct", "spectral", "auto"]
@@ -243,6 +244,11 @@ class ToroidalConv(eqx.Module):
         elif impl == "spectral":
             return SpectralOperator.from_spectrum(self.spectrum(h, w))
         raise ValueError(f"`impl` must be 'direct', 'spectral' or 'auto', got {impl!r}.")
+
+    def planar_operator(self, h: int, w: int) -> PlanarSpectralOperator:
+        """The convolution on the `h x w` torus for batched planar fields `(2, h, w, c, b)`
+        (`ff.to_planar`): spectral, every stage a real matrix product."""
+        return PlanarSpectralOperator.from_spectrum(self.spectrum(h, w))
 
     def __call__(
         self, z: Complex[Array, "cin h w"], *, impl: Impl | None = None
