@@ -33,6 +33,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Complex, Float
 
+from ._tapconv import block_matrix
+
 
 def to_planar(z: Complex[Array, "b c h w"]) -> Float[Array, "2 h w c b"]:
     """A batch of complex fields `(b, c, h, w)` -> real planes `(2, h, w, c, b)`."""
@@ -152,11 +154,9 @@ class PlanarSpectralOperator(eqx.Module):
     @staticmethod
     def from_spectrum(s: Complex[Array, "cout cin h w"]) -> PlanarSpectralOperator:
         cout, cin, h, w = s.shape
-        st = jnp.transpose(s.reshape(cout, cin, h * w), (2, 0, 1))  # (hw, cout, cin)
-        sr, si = jnp.real(st), jnp.imag(st)
-        top = jnp.concatenate([sr, -si], axis=2)
-        block = jnp.concatenate([top, jnp.concatenate([si, sr], axis=2)], axis=1)
-        return PlanarSpectralOperator(block, jnp.swapaxes(block, 1, 2), (h, w))
+        st = jnp.transpose(s.reshape(cout, cin, h * w), (2, 1, 0))  # (hw, cin, cout)
+        block_t = block_matrix(st)  # rows (r, i), columns (r', o)
+        return PlanarSpectralOperator(jnp.swapaxes(block_t, 1, 2), block_t, (h, w))
 
     @property
     def in_channels(self) -> int:
