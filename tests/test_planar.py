@@ -181,3 +181,14 @@ def test_operator_errors():
         op(jnp.zeros((2, 6, 6, 3, 2), jnp.complex64))
     with pytest.raises(ValueError, match="planar"):
         ff.ModReLU(3).planar(jnp.zeros((2, 6, 6, 4, 2)))
+
+
+def test_contractive_planar_operator_is_rescaled():
+    rng = np.random.default_rng(6)
+    cc = ff.ContractiveToroidalConv(3, 3, gamma=0.5, norm_grid=(6, 6), key=jax.random.key(4))
+    z = _crandn(rng, 2, 3, 6, 6)
+    got = ff.from_planar(cc.planar_operator(6, 6)(ff.to_planar(z)))
+    np.testing.assert_allclose(got, jax.vmap(cc)(z), rtol=1e-5, atol=1e-5)
+    # the rescaling is active: the raw convolution differs
+    assert float(cc.conv.operator_norm(6, 6)) > 0.6
+    assert not np.allclose(got, jax.vmap(cc.conv)(z), rtol=1e-3)
