@@ -120,18 +120,13 @@ def _apply_fwd(block, block_t, p):
 
 
 def _apply_bwd(res, ct):
-    # The transpose is the same pipeline with the transposed stages (all products stay in
-    # the layout the forward uses); the block's cotangent is one product per frequency.
+    # The transpose is the same pipeline with the transposed stages in reverse order (all
+    # products stay in the forward's layout); its mixing input, paired with the forward's,
+    # gives the block's cotangent (one product per frequency).
     block_t, x = res
-    _, h, w, cout, b = ct.shape
-    fh, fw, iw, ih = _mats(h, w, ct.dtype, True)
-    cin = block_t.shape[1] // 2
-    g = (fh @ ct.reshape(2 * h, w * cout * b)).reshape(h, 2 * w, cout * b)
-    g = _bmm(fw, g).reshape(h * w, 2 * cout, b)
+    _, h, w, _, _ = ct.shape
+    ct_p, g = _pipeline(_mats(h, w, ct.dtype, True), block_t, ct)
     ct_block = lax.dot_general(g, x, (((2,), (2,)), ((0,), (0,))))
-    g = _bmm(block_t, g).reshape(h, 2 * w, cin * b)
-    g = _bmm(iw, g).reshape(2 * h, w * cin * b)
-    ct_p = (ih @ g).reshape(2, h, w, cin, b)
     return ct_block, jnp.zeros_like(block_t), ct_p
 
 
