@@ -15,6 +15,7 @@ from jaxtyping import Array, Complex, Float, PRNGKeyArray
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._cell import FractalCell
 from ._fixed_point import fixed_point
+from ._planar import from_planar, to_planar
 from ._solution import Solution
 from ._solver import AbstractFixedPointSolver, Anderson
 
@@ -71,6 +72,15 @@ class Encoder(eqx.Module):
         return z
 
 
+def _pool_matrix(n: int, g: int) -> np.ndarray:
+    """`(g, n)`: row `i` averages bin `i` of `n` points split into `g` near-equal bins."""
+    edges = np.linspace(0, n, g + 1).round().astype(int)
+    m = np.zeros((g, n), np.float32)
+    for i in range(g):
+        m[i, edges[i] : edges[i + 1]] = 1.0 / (edges[i + 1] - edges[i])
+    return m
+
+
 class Readout(eqx.Module):
     """`|z|` (plus `Re`/`Im` of the unit phase if `phase_features`) -> average pooling to a
     `grid x grid` layout (1 = global pooling) -> linear -> logits."""
@@ -95,18 +105,9 @@ class Readout(eqx.Module):
         f = jnp.concatenate(feats, 0)
         c, h, w = f.shape
         g = self.grid
-        # Adaptive average pooling on the torus grid (bins of near-equal size).
-        hb = np.linspace(0, h, g + 1).round().astype(int)
-        wb = np.linspace(0, w, g + 1).round().astype(int)
-        pooled = jnp.stack(
-            [
-                jnp.stack(
-                    [f[:, hb[i] : hb[i + 1], wb[j] : wb[j + 1]].mean((1, 2)) for j in range(g)], -1
-                )
-                for i in range(g)
-            ],
-            -2,
-        )
+        # Adaptive average pooling on the torus grid (bins of near-equal size), as two small
+        # averaging matrices: one contraction, whatever layout `z` arrives in.
+        pooled = jnp.einsum("ih,chw,jw->cij", _pool_matrix(h, g), f, _pool_matrix(w, g))
         return self.linear(pooled.reshape(-1).astype(self.linear.weight.dtype))
 
 
@@ -114,7 +115,15 @@ class FieldClassifier(eqx.Module):
     """Image classifier whose hidden layer is the fixed point of a `FractalCell`.
 
     `model(x)` on one image `(c, H, W)` returns `(logits, solution)` where `solution` is the
-    field's `ff.Solution` (value, result code, stats). `vmap` over a batch.
+    field's `ff.Solution` (value, result code, stats). `vmap` over a batch, or call
+    `model.batched(x)` on a batch `(b, c, H, W)`, which follows `batch_solve`:
+
+    - `"per_sample"` (default): `vmap` of `model`; each image's field stops on its own test.
+    - `"planar"`: the whole batch is one fixed-point problem in the planar layout
+      (`ff.to_planar`; every stage of the convolution a real matrix product), with one stopping
+      test on the batch's residual norm. Faster on CPUs (`benchmarks/peers.py`, problem B),
+      the same fixed points to within the tolerance; not for resolution-agnostic solvers
+      (`ff.Multigrid`).
     """
 
     encoder: Encoder
@@ -125,6 +134,7 @@ class FieldClassifier(eqx.Module):
     max_steps: int = eqx.field(static=True)
     rtol: float = eqx.field(static=True)
     atol: float = eqx.field(static=True)
+    batch_solve: str = eqx.field(static=True)
 
     def __init__(
         self,
@@ -149,8 +159,13 @@ class FieldClassifier(eqx.Module):
         max_steps: int = 30,
         rtol: float = 1e-3,
         atol: float = 1e-6,
+        batch_solve: str = "per_sample",
         key: PRNGKeyArray,
     ):
+        if batch_solve not in ("per_sample", "planar"):
+            raise ValueError(
+                f"FieldClassifier(batch_solve={batch_solve!r}) must be 'per_sample' or 'planar'."
+            )
         ekey, ckey, rkey = jr.split(key, 3)
         grid = image_size // pool
         self.encoder = Encoder(in_channels, channels, pool=pool, phase=phase, key=ekey)
@@ -174,12 +189,14 @@ class FieldClassifier(eqx.Module):
         self.max_steps = max_steps
         self.rtol = rtol
         self.atol = atol
+        self.batch_solve = batch_solve
+        if batch_solve == "planar" and getattr(self.solver, "resolution_agnostic", False):
+            raise ValueError(
+                f"batch_solve='planar' needs a solver that stays on one grid; "
+                f"{type(self.solver).__name__} is resolution-agnostic. Use 'per_sample'."
+            )
 
-    def solve(
-        self, x: Float[Array, "cin H W"], *, stats_probe=None, **fixed_point_kwargs: Any
-    ) -> Solution:
-        """Encode `x` and solve the field; keyword arguments override `ff.fixed_point`'s."""
-        injection = self.encoder(x)
+    def _solve_kwargs(self, fixed_point_kwargs: dict) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(
             solver=self.solver,
             adjoint=self.adjoint,
@@ -189,6 +206,14 @@ class FieldClassifier(eqx.Module):
             throw=False,
         )
         kwargs.update(fixed_point_kwargs)
+        return kwargs
+
+    def solve(
+        self, x: Float[Array, "cin H W"], *, stats_probe=None, **fixed_point_kwargs: Any
+    ) -> Solution:
+        """Encode `x` and solve the field; keyword arguments override `ff.fixed_point`'s."""
+        injection = self.encoder(x)
+        kwargs = self._solve_kwargs(fixed_point_kwargs)
         z0 = jnp.zeros_like(injection)
         if getattr(kwargs["solver"], "resolution_agnostic", False):
             # Acts at any grid size; the solver restricts the injection alongside the state.
@@ -209,6 +234,59 @@ class FieldClassifier(eqx.Module):
     ) -> tuple[Float[Array, " classes"], Solution]:
         sol = self.solve(x, stats_probe=stats_probe, **fixed_point_kwargs)
         return self.readout(sol.value), sol
+
+    def solve_planar(
+        self, x: Float[Array, "b cin H W"], *, stats_probe=None, **fixed_point_kwargs: Any
+    ) -> Solution:
+        """Encode a batch and solve its fields as one problem in the planar layout.
+
+        Returns the batch's `ff.Solution` with `value` of shape `(b, c, h, w)` (complex) and
+        scalar `result` and `stats` (one solve). Differentiating with respect to `stats_probe`
+        gives the backward solve's statistics times `b`, so that, as for `b` per-sample solves,
+        dividing by `b` gives the per-image mean.
+        """
+        if x.ndim != 4:
+            raise ValueError(f"solve_planar expects a batch (b, c, H, W), got shape {x.shape}.")
+        injection = to_planar(jax.vmap(self.encoder)(x))
+        kwargs = self._solve_kwargs(fixed_point_kwargs)
+        if getattr(kwargs["solver"], "resolution_agnostic", False):
+            raise ValueError(
+                f"The planar layout needs a solver that stays on one grid; "
+                f"{type(kwargs['solver']).__name__} is resolution-agnostic."
+            )
+        _, h, w, _, b = injection.shape
+        op = self.cell.conv.planar_operator(h, w)
+        cell = self.cell
+
+        def fn(p, inj):
+            return cell.planar_step(op, p, inj)
+
+        if stats_probe is not None:
+            stats_probe = stats_probe * b
+        sol = fixed_point(
+            fn, jnp.zeros_like(injection), injection, stats_probe=stats_probe, **kwargs
+        )
+        return eqx.tree_at(lambda s: s.value, sol, from_planar(sol.value))
+
+    def batched(
+        self, x: Float[Array, "b cin H W"], *, stats_probe=None, **fixed_point_kwargs: Any
+    ) -> tuple[Float[Array, "b classes"], Solution]:
+        """`(logits, solution)` for a batch `(b, c, H, W)`, solved as `batch_solve` says.
+
+        The solution's `value`, `result` and `stats` have a leading batch axis either way (with
+        `"planar"`, every image carries the batch solve's result and statistics)."""
+        if x.ndim != 4:
+            raise ValueError(f"batched expects a batch (b, c, H, W), got shape {x.shape}.")
+        if self.batch_solve == "per_sample":
+            return jax.vmap(lambda xi: self(xi, stats_probe=stats_probe, **fixed_point_kwargs))(x)
+        sol = self.solve_planar(x, stats_probe=stats_probe, **fixed_point_kwargs)
+        b = x.shape[0]
+        per_image = jax.tree_util.tree_map(
+            lambda a: jnp.broadcast_to(a, (b, *jnp.shape(a))) if eqx.is_array(a) else a,
+            (sol.result, sol.stats),
+        )
+        sol = Solution(value=sol.value, result=per_image[0], stats=per_image[1])
+        return jax.vmap(self.readout)(sol.value), sol
 
 
 def count_params(model) -> int:

@@ -146,7 +146,7 @@ def load_data(config, split: str) -> ArrayDataset:
 
 
 def _forward(model: FieldClassifier, x, probe):
-    return jax.vmap(lambda xi: model(xi, stats_probe=probe))(x)
+    return model.batched(x, stats_probe=probe)
 
 
 def _metrics(logits, labels, sol):
