@@ -104,7 +104,7 @@ def bench_preset(name: str, path: str, *, repeats: int, iters: int, data_dir) ->
     config = ff.load_config(str(HERE.parent / path))
     model = build_model(config, key=jr.key(config.seed))
     enc = model.encoder
-    in_shape = (enc.conv.in_channels, model_image_size(config), model_image_size(config))
+    in_shape = (enc.in_channels, model_image_size(config), model_image_size(config))
     bs, ebs = config.batch_size, config.eval_batch_size
     x, y, source = _batch(config, "train", bs, in_shape, data_dir)
     xe, ye, _ = _batch(config, "test", ebs, in_shape, data_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -18,34 +19,44 @@ from ._fixed_point import fixed_point
 from ._planar import from_planar, to_planar
 from ._solution import Solution
 from ._solver import AbstractFixedPointSolver, Anderson
+from ._tapconv import toroidal_correlate
 
 
 class Encoder(eqx.Module):
     """Real image `(c_in, H, W)` -> complex injection field `(channels, H/s, W/s)`.
 
-    A 3x3 real convolution with circular padding produces `2 * channels` maps, read as real
-    and imaginary parts, then `pool x pool` average pooling. `phase="learned"` multiplies each
-    channel by a learned unit phase `exp(i theta_c)`.
+    An optional real stem (`hidden > 0`: a 3x3 convolution to `hidden` maps and a ReLU), then a
+    3x3 real convolution producing `2 * channels` maps, read as real and imaginary parts, then
+    `pool x pool` average pooling; every convolution pads circularly. `phase="learned"`
+    multiplies each channel by a learned unit phase `exp(i theta_c)`.
     """
 
+    stem: eqx.nn.Conv2d | None
     conv: eqx.nn.Conv2d
     theta: Float[Array, " channels"] | None
     channels: int = eqx.field(static=True)
     pool: int = eqx.field(static=True)
 
-    def __init__(self, in_channels: int, channels: int, *, pool: int = 1, phase: str = "none", key):
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        *,
+        pool: int = 1,
+        phase: str = "none",
+        hidden: int = 0,
+        key,
+    ):
         if phase not in ("none", "learned"):
             raise ValueError(f"Encoder(phase={phase!r}) must be 'none' or 'learned'.")
-        ckey, pkey = jr.split(key)
-        self.conv = eqx.nn.Conv2d(
-            in_channels,
-            2 * channels,
-            3,
-            padding=1,
-            padding_mode="CIRCULAR",
-            dtype=jnp.float32,
-            key=ckey,
+        if hidden < 0:
+            raise ValueError(f"Encoder(hidden={hidden}) must be >= 0 (0: no stem).")
+        skey, ckey, pkey = jr.split(key, 3)
+        conv = functools.partial(
+            eqx.nn.Conv2d, kernel_size=3, padding=1, padding_mode="CIRCULAR", dtype=jnp.float32
         )
+        self.stem = conv(in_channels, hidden, key=skey) if hidden else None
+        self.conv = conv(hidden or in_channels, 2 * channels, key=ckey)
         self.theta = (
             jr.uniform(pkey, (channels,), jnp.float32, -math.pi, math.pi)
             if (phase == "learned")
@@ -54,22 +65,65 @@ class Encoder(eqx.Module):
         self.channels = channels
         self.pool = pool
 
+    @property
+    def in_channels(self) -> int:
+        return (self.conv if self.stem is None else self.stem).in_channels
+
     def __call__(self, x: Float[Array, "cin H W"]) -> Complex[Array, "c h w"]:
-        if x.ndim != 3 or x.shape[0] != self.conv.in_channels:
+        if x.ndim != 3 or x.shape[0] != self.in_channels:
             raise ValueError(
-                f"Encoder expects one image of shape ({self.conv.in_channels}, H, W) "
+                f"Encoder expects one image of shape ({self.in_channels}, H, W) "
                 f"(channels first, unbatched: vmap over a batch); got {x.shape}."
             )
-        h = self.conv(x.astype(self.conv.weight.dtype))
+        h = x.astype(self.conv.weight.dtype)
+        if self.stem is not None:
+            h = jax.nn.relu(self.stem(h))
+        h = self.conv(h)
         if self.pool > 1:
             c, hh, ww = h.shape
             if hh % self.pool or ww % self.pool:
                 raise ValueError(f"Image size {hh}x{ww} is not divisible by pool={self.pool}.")
             h = h.reshape(c, hh // self.pool, self.pool, ww // self.pool, self.pool).mean((2, 4))
-        z = jax.lax.complex(h[: self.channels], h[self.channels :])
+        return self._to_field(h, axis=0)
+
+    def batched(self, x: Float[Array, "b cin H W"]) -> Complex[Array, "b c h w"]:
+        """`vmap` of the encoder, computed channels-last with `ff.toroidal_correlate` (one
+        matrix product per kernel row instead of XLA's convolution, several times faster on
+        CPUs for the stem). Same values as `jax.vmap(encoder)(x)` to rounding."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"Encoder.batched expects a batch of shape (b, {self.in_channels}, H, W); "
+                f"got {x.shape}."
+            )
+        h = jnp.transpose(x.astype(self.conv.weight.dtype), (0, 2, 3, 1))
+        if self.stem is not None:
+            h = jax.nn.relu(_correlate_like(self.stem, h))
+        h = _correlate_like(self.conv, h)
+        if self.pool > 1:
+            b, hh, ww, c = h.shape
+            if hh % self.pool or ww % self.pool:
+                raise ValueError(f"Image size {hh}x{ww} is not divisible by pool={self.pool}.")
+            h = h.reshape(b, hh // self.pool, self.pool, ww // self.pool, self.pool, c)
+            h = h.mean((2, 4))
+        return jnp.transpose(self._to_field(h, axis=-1), (0, 3, 1, 2))
+
+    def _to_field(self, h: Array, axis: int) -> Array:
+        re, im = jnp.split(h, 2, axis=axis)
+        z = jax.lax.complex(re, im)
         if self.theta is not None:
-            z = z * jnp.exp(1j * self.theta)[:, None, None].astype(z.dtype)
+            shape = [1] * z.ndim
+            shape[axis] = self.channels
+            z = z * jnp.exp(1j * self.theta).reshape(shape).astype(z.dtype)
         return z
+
+
+def _correlate_like(
+    conv: eqx.nn.Conv2d, x: Float[Array, "b h w cin"]
+) -> Float[Array, "b h w cout"]:
+    """`conv` (3x3, circular padding) on channels-last `x` through `toroidal_correlate`."""
+    kernel = jnp.transpose(conv.weight, (2, 3, 1, 0))[None]  # (1, k, k, cin, cout)
+    y = toroidal_correlate(x, kernel)
+    return y if conv.bias is None else y + conv.bias.reshape(-1)
 
 
 def _pool_matrix(n: int, g: int) -> np.ndarray:
@@ -151,6 +205,7 @@ class FieldClassifier(eqx.Module):
         alpha: float = 0.5,
         learn_alpha: bool = False,
         phase: str = "none",
+        stem: int = 0,
         readout_grid: int = 1,
         phase_features: bool = False,
         impl: str = "auto",
@@ -168,7 +223,7 @@ class FieldClassifier(eqx.Module):
             )
         ekey, ckey, rkey = jr.split(key, 3)
         grid = image_size // pool
-        self.encoder = Encoder(in_channels, channels, pool=pool, phase=phase, key=ekey)
+        self.encoder = Encoder(in_channels, channels, pool=pool, phase=phase, hidden=stem, key=ekey)
         self.cell = FractalCell(
             channels,
             kernel_size=kernel_size,
@@ -247,7 +302,7 @@ class FieldClassifier(eqx.Module):
         """
         if x.ndim != 4:
             raise ValueError(f"solve_planar expects a batch (b, c, H, W), got shape {x.shape}.")
-        injection = to_planar(jax.vmap(self.encoder)(x))
+        injection = to_planar(self.encoder.batched(x))
         kwargs = self._solve_kwargs(fixed_point_kwargs)
         if getattr(kwargs["solver"], "resolution_agnostic", False):
             raise ValueError(

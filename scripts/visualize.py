@@ -72,7 +72,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, data_name, note = load_model_or_random(args.checkpoint)
-    cin = model.encoder.conv.in_channels
+    cin = model.encoder.in_channels
     ds = load_images(data_name, args.data_dir, 28, cin)
     x = np.asarray(ds.normalize(ds.images[args.input : args.input + 1]))[0]
     label = int(ds.labels[args.input])

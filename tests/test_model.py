@@ -240,3 +240,56 @@ def test_batch_solve_errors():
     model = ff.make_model("tiny", key=jr.PRNGKey(0), batch_solve="planar")
     with pytest.raises(ValueError, match=r"batch \(b, c, H, W\)"):
         model.batched(jnp.zeros((1, 8, 8)))
+
+
+@pytest.mark.parametrize("hidden, pool", [(0, 1), (6, 1), (6, 2)])
+def test_encoder_stem_is_translation_equivariant(hidden, pool):
+    """Circular padding everywhere: shifting the image by a multiple of `pool` shifts the
+    injection field."""
+    enc = ff.Encoder(3, 4, pool=pool, hidden=hidden, key=jr.PRNGKey(0))
+    x = jr.normal(jr.PRNGKey(1), (3, 8, 12))
+    z = enc(x)
+    assert z.shape == (4, 8 // pool, 12 // pool) and jnp.iscomplexobj(z)
+    zs = enc(jnp.roll(x, (2 * pool, 3 * pool), (1, 2)))
+    np.testing.assert_allclose(zs, jnp.roll(z, (2, 3), (1, 2)), rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_stem_matches_reference_and_counts_parameters():
+    enc = ff.Encoder(3, 4, hidden=5, key=jr.PRNGKey(0))
+    x = jr.normal(jr.PRNGKey(1), (3, 6, 6))
+
+    def circ_conv(w, b, x):  # independent: wrap-pad, then a valid lax convolution
+        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1)), mode="wrap")
+        y = jax.lax.conv_general_dilated(xp[None], w, (1, 1), "VALID")[0]
+        return y + b
+
+    h = jax.nn.relu(circ_conv(enc.stem.weight, enc.stem.bias, x))
+    h = circ_conv(enc.conv.weight, enc.conv.bias, h)
+    np.testing.assert_allclose(enc(x), jax.lax.complex(h[:4], h[4:]), rtol=1e-5, atol=1e-5)
+    assert ff.count_params(enc) == (3 * 9 * 5 + 5) + (5 * 9 * 8 + 8)
+    assert enc.in_channels == 3
+    with pytest.raises(ValueError, match="hidden"):
+        ff.Encoder(3, 4, hidden=-1, key=jr.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        enc(jnp.zeros((5, 6, 6)))
+
+
+@pytest.mark.parametrize(
+    "hidden, pool, phase", [(0, 1, "none"), (6, 2, "learned"), (0, 2, "learned")]
+)
+def test_encoder_batched_matches_vmap(hidden, pool, phase):
+    enc = ff.Encoder(3, 4, pool=pool, hidden=hidden, phase=phase, key=jr.PRNGKey(0))
+    x = jr.normal(jr.PRNGKey(1), (5, 3, 8, 12))
+    np.testing.assert_allclose(enc.batched(x), jax.vmap(enc)(x), rtol=1e-5, atol=1e-5)
+    # and its gradients (through toroidal_correlate's explicit VJP)
+    ct = jr.normal(jr.PRNGKey(2), (5, 4, 8 // pool, 12 // pool), jnp.complex64)
+
+    def loss(e, fn):
+        return jnp.real(jnp.vdot(ct, fn(e, x)))
+
+    g1 = eqx.filter_grad(loss)(enc, lambda e, x: e.batched(x))
+    g2 = eqx.filter_grad(loss)(enc, lambda e, x: jax.vmap(e)(x))
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"\(b, 3, H, W\)"):
+        enc.batched(x[0])

@@ -17,6 +17,7 @@ from fractal_field._checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "mnist_nano.py") + ":smoke"
+CIFAR_SMOKE = str(ROOT / "configs" / "cifar10_small.py") + ":smoke"
 
 
 def _params(model):
@@ -50,6 +51,23 @@ def test_smoke_training_loss_falls(tmp_path):
     loaded = ff.load_model(ckdir / "last.eqx")
     for a, b in zip(_params(loaded), _params(summary["model"]), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cifar_smoke_planar_training_loss_falls(tmp_path):
+    """The CIFAR config's path: encoder stem, batch solved in the planar layout, implicit
+    gradients."""
+    config = ff.load_config(
+        CIFAR_SMOKE, ["epochs=6", "data.train_size=256", "optim.lr=5e-2", "optim.warmup_epochs=0.5"]
+    )
+    assert config.model.batch_solve == "planar" and config.model.stem > 0
+    summary = ff.train(config, tmp_path)
+    rows = _steps(tmp_path)
+    assert len(rows) == 6 * (256 // 32)
+    first = np.mean([r["loss"] for r in rows[:3]])
+    last = np.mean([r["loss"] for r in rows[-3:]])
+    assert last < 0.7 * first, (first, last)
+    assert rows[-1]["bwd_steps"] > 0  # implicit gradients: a backward solve ran
+    assert summary["model"].batch_solve == "planar"
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
@@ -168,12 +186,15 @@ print(json.dumps(dict(devices=jax.device_count(), diff=diff,
 """
 
 
-def test_sharded_step_equals_single_device(tmp_path):
+@pytest.mark.parametrize("spec", [SMOKE, CIFAR_SMOKE])
+def test_sharded_step_equals_single_device(tmp_path, spec):
+    """MNIST's smoke config solves per sample; CIFAR's solves the batch in the planar layout
+    (batch axis last, sharded over the devices) and has an encoder stem."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     script = tmp_path / "shard.py"
     script.write_text(SHARD_CODE)
     proc = subprocess.run(
-        [sys.executable, str(script), SMOKE], env=env, cwd=ROOT, capture_output=True, text=True
+        [sys.executable, str(script), spec], env=env, cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
