@@ -175,9 +175,11 @@ class FieldClassifier(eqx.Module):
     - `"per_sample"` (default): `vmap` of `model`; each image's field stops on its own test.
     - `"planar"`: the whole batch is one fixed-point problem in the planar layout
       (`ff.to_planar`; every stage of the convolution a real matrix product), with one stopping
-      test on the batch's residual norm. Faster on CPUs (`benchmarks/peers.py`, problem B),
-      the same fixed points to within the tolerance; not for resolution-agnostic solvers
-      (`ff.Multigrid`).
+      test on the batch's residual norm. 1.4-1.9x faster training steps on a 2-core CPU
+      (`benchmarks/batch_solve.py`), the same fixed points to within the tolerance; not for
+      resolution-agnostic solvers (`ff.Multigrid`).
+
+    `stem > 0` gives the encoder a hidden 3x3 ReLU convolution with that many maps.
     """
 
     encoder: Encoder
@@ -321,7 +323,11 @@ class FieldClassifier(eqx.Module):
         sol = fixed_point(
             fn, jnp.zeros_like(injection), injection, stats_probe=stats_probe, **kwargs
         )
-        return eqx.tree_at(lambda s: s.value, sol, from_planar(sol.value))
+        sol = eqx.tree_at(lambda s: s.value, sol, from_planar(sol.value))
+        if sol.stats.trajectory is not None:  # (records, 2, h, w, c, b) -> (records, b, c, h, w)
+            traj = jax.vmap(from_planar)(sol.stats.trajectory)
+            sol = eqx.tree_at(lambda s: s.stats.trajectory, sol, traj)
+        return sol
 
     def batched(
         self, x: Float[Array, "b cin H W"], *, stats_probe=None, **fixed_point_kwargs: Any
@@ -336,12 +342,22 @@ class FieldClassifier(eqx.Module):
             return jax.vmap(lambda xi: self(xi, stats_probe=stats_probe, **fixed_point_kwargs))(x)
         sol = self.solve_planar(x, stats_probe=stats_probe, **fixed_point_kwargs)
         b = x.shape[0]
-        per_image = jax.tree_util.tree_map(
+        traj = sol.stats.trajectory
+        stats = eqx.tree_at(lambda s: s.trajectory, sol.stats, None)
+        result, stats = jax.tree_util.tree_map(
             lambda a: jnp.broadcast_to(a, (b, *jnp.shape(a))) if eqx.is_array(a) else a,
-            (sol.result, sol.stats),
+            (sol.result, stats),
         )
-        sol = Solution(value=sol.value, result=per_image[0], stats=per_image[1])
+        if traj is not None:  # each image's own iterates, batch axis first as under vmap
+            stats = eqx.tree_at(
+                lambda s: s.trajectory, stats, jnp.swapaxes(traj, 0, 1), is_leaf=_is_none
+            )
+        sol = Solution(value=sol.value, result=result, stats=stats)
         return jax.vmap(self.readout)(sol.value), sol
+
+
+def _is_none(x) -> bool:
+    return x is None
 
 
 def count_params(model) -> int:

@@ -293,3 +293,18 @@ def test_encoder_batched_matches_vmap(hidden, pool, phase):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"\(b, 3, H, W\)"):
         enc.batched(x[0])
+
+
+def test_planar_batch_trajectory_matches_per_sample_naive_iterates():
+    """Naive iteration acts on each image alone, so the planar batch's recorded iterates are
+    the per-sample ones, batch axis first as under `vmap`."""
+    kw = dict(solver=ff.Naive(), key=jr.PRNGKey(0))
+    per = ff.make_model("tiny", **kw)
+    planar = ff.make_model("tiny", batch_solve="planar", **kw)
+    x = jr.normal(jr.PRNGKey(1), (3, 1, 8, 8))
+    opts = dict(max_steps=6, rtol=0.0, atol=0.0, record_every=2)
+    _, sp = per.batched(x, **opts)
+    _, sq = planar.batched(x, **opts)
+    assert sq.stats.trajectory.shape == sp.stats.trajectory.shape == (3, 4, 4, 8, 8)
+    np.testing.assert_allclose(sq.stats.trajectory, sp.stats.trajectory, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(sq.stats.num_steps, sp.stats.num_steps)
