@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -78,12 +79,7 @@ class Encoder(eqx.Module):
         h = x.astype(self.conv.weight.dtype)
         if self.stem is not None:
             h = jax.nn.relu(self.stem(h))
-        h = self.conv(h)
-        if self.pool > 1:
-            c, hh, ww = h.shape
-            if hh % self.pool or ww % self.pool:
-                raise ValueError(f"Image size {hh}x{ww} is not divisible by pool={self.pool}.")
-            h = h.reshape(c, hh // self.pool, self.pool, ww // self.pool, self.pool).mean((2, 4))
+        h = _avg_pool(self.conv(h)[None, ...], self.pool, channels_last=False)[0]
         return self._to_field(h, axis=0)
 
     def batched(self, x: Float[Array, "b cin H W"]) -> Complex[Array, "b c h w"]:
@@ -98,13 +94,7 @@ class Encoder(eqx.Module):
         h = jnp.transpose(x.astype(self.conv.weight.dtype), (0, 2, 3, 1))
         if self.stem is not None:
             h = jax.nn.relu(_correlate_like(self.stem, h))
-        h = _correlate_like(self.conv, h)
-        if self.pool > 1:
-            b, hh, ww, c = h.shape
-            if hh % self.pool or ww % self.pool:
-                raise ValueError(f"Image size {hh}x{ww} is not divisible by pool={self.pool}.")
-            h = h.reshape(b, hh // self.pool, self.pool, ww // self.pool, self.pool, c)
-            h = h.mean((2, 4))
+        h = _avg_pool(_correlate_like(self.conv, h), self.pool, channels_last=True)
         return jnp.transpose(self._to_field(h, axis=-1), (0, 3, 1, 2))
 
     def _to_field(self, h: Array, axis: int) -> Array:
@@ -115,6 +105,20 @@ class Encoder(eqx.Module):
             shape[axis] = self.channels
             z = z * jnp.exp(1j * self.theta).reshape(shape).astype(z.dtype)
         return z
+
+
+def _avg_pool(h: Array, pool: int, *, channels_last: bool) -> Array:
+    """`pool x pool` average pooling of `(b, h, w, c)` (or `(b, c, h, w)`) maps."""
+    if pool == 1:
+        return h
+    hh, ww = h.shape[1:3] if channels_last else h.shape[2:4]
+    if hh % pool or ww % pool:
+        raise ValueError(f"Image size {hh}x{ww} is not divisible by pool={pool}.")
+    if channels_last:
+        b, _, _, c = h.shape
+        return h.reshape(b, hh // pool, pool, ww // pool, pool, c).mean((2, 4))
+    b, c = h.shape[:2]
+    return h.reshape(b, c, hh // pool, pool, ww // pool, pool).mean((3, 5))
 
 
 def _correlate_like(
@@ -343,21 +347,15 @@ class FieldClassifier(eqx.Module):
         sol = self.solve_planar(x, stats_probe=stats_probe, **fixed_point_kwargs)
         b = x.shape[0]
         traj = sol.stats.trajectory
-        stats = eqx.tree_at(lambda s: s.trajectory, sol.stats, None)
+        stats = dataclasses.replace(sol.stats, trajectory=None)
         result, stats = jax.tree_util.tree_map(
             lambda a: jnp.broadcast_to(a, (b, *jnp.shape(a))) if eqx.is_array(a) else a,
             (sol.result, stats),
         )
         if traj is not None:  # each image's own iterates, batch axis first as under vmap
-            stats = eqx.tree_at(
-                lambda s: s.trajectory, stats, jnp.swapaxes(traj, 0, 1), is_leaf=_is_none
-            )
+            stats = dataclasses.replace(stats, trajectory=jnp.swapaxes(traj, 0, 1))
         sol = Solution(value=sol.value, result=result, stats=stats)
         return jax.vmap(self.readout)(sol.value), sol
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 def count_params(model) -> int:

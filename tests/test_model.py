@@ -102,18 +102,25 @@ def test_bad_image_shape_is_a_clear_error():
         model(jnp.zeros((2, 1, 8, 8)))
 
 
-def test_whole_model_gradient_matches_finite_differences():
-    with jax.enable_x64(True):
-        model = ff.make_model(
+def _tight_tiny(rtol: float, **overrides):
+    """The tiny preset in float64, forward and backward solves to `rtol` (call under x64)."""
+    return _to64(
+        ff.make_model(
             "tiny",
             key=jr.PRNGKey(0),
-            rtol=1e-12,
+            rtol=rtol,
             atol=0.0,
             max_steps=300,
             learn_alpha=True,
-            adjoint=ff.ImplicitAdjoint(rtol=1e-12, atol=0.0, max_steps=300),
+            adjoint=ff.ImplicitAdjoint(rtol=rtol, atol=0.0, max_steps=300),
+            **overrides,
         )
-        model = _to64(model)
+    )
+
+
+def test_whole_model_gradient_matches_finite_differences():
+    with jax.enable_x64(True):
+        model = _tight_tiny(1e-12)
         x = jr.normal(jr.PRNGKey(1), (2, 1, 8, 8), jnp.float64)
         y = jnp.array([3, 7])
         params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -177,16 +184,8 @@ def test_planar_batch_solve_matches_per_sample_values_and_gradients():
     """`batch_solve="planar"` solves the batch as one problem in the planar layout: the same
     logits and parameter gradients as per-sample solves, to the solver tolerance."""
     with jax.enable_x64(True):
-        kw = dict(
-            key=jr.PRNGKey(0),
-            rtol=1e-11,
-            atol=0.0,
-            max_steps=300,
-            learn_alpha=True,
-            adjoint=ff.ImplicitAdjoint(rtol=1e-11, atol=0.0, max_steps=300),
-        )
-        per = _to64(ff.make_model("tiny", **kw))
-        planar = _to64(ff.make_model("tiny", batch_solve="planar", **kw))
+        per = _tight_tiny(1e-11)
+        planar = _tight_tiny(1e-11, batch_solve="planar")
         x = jr.normal(jr.PRNGKey(1), (3, 1, 8, 8), jnp.float64)
         y = jnp.array([3, 7, 1])
 
