@@ -52,7 +52,9 @@ class Encoder(eqx.Module):
             raise ValueError(f"Encoder(phase={phase!r}) must be 'none' or 'learned'.")
         if hidden < 0:
             raise ValueError(f"Encoder(hidden={hidden}) must be >= 0 (0: no stem).")
-        skey, ckey, pkey = jr.split(key, 3)
+        # Without a stem, the keys (so the initial weights) are those of encoders before it.
+        ckey, pkey = jr.split(key)
+        skey = jr.fold_in(key, 1)
         conv = functools.partial(
             eqx.nn.Conv2d, kernel_size=3, padding=1, padding_mode="CIRCULAR", dtype=jnp.float32
         )

@@ -255,7 +255,7 @@ def test_encoder_stem_is_translation_equivariant(hidden, pool):
 
 def test_encoder_stem_matches_reference_and_counts_parameters():
     enc = ff.Encoder(3, 4, hidden=5, key=jr.PRNGKey(0))
-    x = jr.normal(jr.PRNGKey(1), (3, 6, 6))
+    x = jr.normal(jr.PRNGKey(1), (3, 6, 6), jnp.float32)  # also if another test left x64 on
 
     def circ_conv(w, b, x):  # independent: wrap-pad, then a valid lax convolution
         xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1)), mode="wrap")
