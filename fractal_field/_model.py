@@ -253,11 +253,8 @@ class FieldClassifier(eqx.Module):
         self.rtol = rtol
         self.atol = atol
         self.batch_solve = batch_solve
-        if batch_solve == "planar" and getattr(self.solver, "resolution_agnostic", False):
-            raise ValueError(
-                f"batch_solve='planar' needs a solver that stays on one grid; "
-                f"{type(self.solver).__name__} is resolution-agnostic. Use 'per_sample'."
-            )
+        if batch_solve == "planar":
+            _check_planar_solver(self.solver)
 
     def _solve_kwargs(self, fixed_point_kwargs: dict) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(
@@ -312,11 +309,7 @@ class FieldClassifier(eqx.Module):
             raise ValueError(f"solve_planar expects a batch (b, c, H, W), got shape {x.shape}.")
         injection = to_planar(self.encoder.batched(x))
         kwargs = self._solve_kwargs(fixed_point_kwargs)
-        if getattr(kwargs["solver"], "resolution_agnostic", False):
-            raise ValueError(
-                f"The planar layout needs a solver that stays on one grid; "
-                f"{type(kwargs['solver']).__name__} is resolution-agnostic."
-            )
+        _check_planar_solver(kwargs["solver"])
         _, h, w, _, b = injection.shape
         op = self.cell.conv.planar_operator(h, w)
         cell = self.cell
@@ -358,6 +351,14 @@ class FieldClassifier(eqx.Module):
             stats = dataclasses.replace(stats, trajectory=jnp.swapaxes(traj, 0, 1))
         sol = Solution(value=sol.value, result=result, stats=stats)
         return jax.vmap(self.readout)(sol.value), sol
+
+
+def _check_planar_solver(solver) -> None:
+    if getattr(solver, "resolution_agnostic", False):
+        raise ValueError(
+            f"batch_solve='planar' needs a solver that stays on one grid; "
+            f"{type(solver).__name__} is resolution-agnostic. Use batch_solve='per_sample'."
+        )
 
 
 def count_params(model) -> int:
