@@ -40,6 +40,10 @@ from ._model import (
     make_model as make_model,
     param_summary as param_summary,
 )
+from ._multiscale import (
+    MultiScaleCell as MultiScaleCell,
+    MultiScaleOperator as MultiScaleOperator,
+)
 from ._planar import (
     PlanarSpectralOperator as PlanarSpectralOperator,
     from_planar as from_planar,

@@ -17,6 +17,26 @@ from ._conv import ToroidalConv
 _ACTIVATIONS = {"cardioid": Cardioid, "crelu": CReLU, "phase_tanh": PhaseTanh, "zrelu": ZReLU}
 
 
+def check_activation(activation: str) -> None:
+    if activation != "modrelu" and activation not in _ACTIVATIONS:
+        raise ValueError(
+            f"Unknown activation {activation!r}; choose from {['modrelu', *sorted(_ACTIVATIONS)]}."
+        )
+
+
+def make_activation(activation: str, channels: int) -> eqx.Module:
+    check_activation(activation)
+    return ModReLU(channels) if activation == "modrelu" else _ACTIVATIONS[activation]()
+
+
+def make_alpha(alpha: float, learn_alpha: bool, owner: str) -> Array | float:
+    """The relaxation parameter: `alpha` itself, or (learnable) its logit, so that the
+    learned alpha stays in (0, 1)."""
+    if not 0 < alpha < 1 and not (alpha == 1 and not learn_alpha):
+        raise ValueError(f"{owner}(alpha={alpha}): alpha must lie in (0, 1].")
+    return jnp.asarray(jnp.log(alpha / (1 - alpha)), jnp.float32) if learn_alpha else float(alpha)
+
+
 class FractalCell(eqx.Module):
     """`z <- (1 - alpha) z + alpha * act(K z + injection)` on a `(channels, h, w)` torus.
 
@@ -52,14 +72,9 @@ class FractalCell(eqx.Module):
         impl: str = "auto",
         key: PRNGKeyArray,
     ):
-        if not 0 < alpha < 1 and not (alpha == 1 and not learn_alpha):
-            raise ValueError(f"FractalCell(alpha={alpha}): alpha must lie in (0, 1].")
+        alpha_param = make_alpha(alpha, learn_alpha, "FractalCell")
         ckey, akey = jr.split(key)
-        if activation != "modrelu" and activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"Unknown activation {activation!r}; choose from "
-                f"{['modrelu', *sorted(_ACTIVATIONS)]}."
-            )
+        check_activation(activation)
         self.conv = ContractiveToroidalConv(
             channels,
             channels,
@@ -71,12 +86,9 @@ class FractalCell(eqx.Module):
             key=ckey,
         )
         self.act_name = activation
-        self.act = ModReLU(channels) if activation == "modrelu" else _ACTIVATIONS[activation]()
+        self.act = make_activation(activation, channels)
         self.learn_alpha = learn_alpha
-        # Learnable: stored as a logit so alpha stays in (0, 1).
-        self.alpha_param = (
-            jnp.asarray(jnp.log(alpha / (1 - alpha)), jnp.float32) if learn_alpha else float(alpha)
-        )
+        self.alpha_param = alpha_param
 
     @property
     def channels(self) -> int:
@@ -91,6 +103,19 @@ class FractalCell(eqx.Module):
         """One cell update at any grid size."""
         return self.step_with(self.conv, z, injection)
 
+    def operator(self, h: int, w: int) -> Callable:
+        """The cell's (rescaled) convolution on the `h x w` torus, for `step_with`; build once
+        per solve."""
+        return self.conv.operator(h, w)
+
+    def planar_operator(self, h: int, w: int) -> Callable:
+        """The same for batched planar fields, for `planar_step`."""
+        return self.conv.planar_operator(h, w)
+
+    def init_state(self, injection: Array) -> Array:
+        """The zero field matching `injection` (unbatched, or batched planar)."""
+        return jnp.zeros_like(injection)
+
     def step_with(self, op: Callable, z, injection):
         a = self.alpha()
         out = (1 - a) * z + a * self.act(op(z) + injection)
@@ -100,7 +125,7 @@ class FractalCell(eqx.Module):
         self, op: Callable, p: Float[Array, "2 h w c b"], injection: Float[Array, "2 h w c b"]
     ) -> Float[Array, "2 h w c b"]:
         """One cell update on a batch of fields in the planar layout (`ff.to_planar`), with
-        `op = cell.conv.planar_operator(h, w)` built once per solve. Same map as `step_with`
+        `op = cell.planar_operator(h, w)` built once per solve. Same map as `step_with`
         applied to each field of the batch."""
         a = self.alpha()
         out = (1 - a) * p + a * self.act.planar(op(p) + injection)

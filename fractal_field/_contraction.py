@@ -7,8 +7,31 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Complex, PRNGKeyArray
 
-from ._conv import DirectOperator, Impl, SpectralOperator, ToroidalConv
+from ._conv import (
+    DirectOperator,
+    Impl,
+    SpectralOperator,
+    ToroidalConv,
+    operator_norm,
+    operator_norm_power,
+)
 from ._planar import PlanarSpectralOperator
+
+
+def spectrum_norm(
+    s: Complex[Array, "cout cin h w"], method: Literal["auto", "svd", "power"], iters: int
+) -> Array:
+    """Largest singular value over the per-frequency matrices of a spectrum, by `method`:
+    `"svd"` (exact), `"power"` (power iteration, `iters` steps) or `"auto"` (the SVD on CPU
+    for up to 32 channels, power iteration otherwise; see `ContractiveToroidalConv`)."""
+    if method == "auto":
+        small = max(s.shape[0], s.shape[1]) <= 32
+        method = "svd" if small and jax.default_backend() == "cpu" else "power"
+    if method == "svd":
+        return operator_norm(s)
+    if method == "power":
+        return operator_norm_power(s, iters=iters)
+    raise ValueError(f"`method` must be 'auto', 'svd' or 'power', got {method!r}.")
 
 
 class ContractiveToroidalConv(eqx.Module):
@@ -82,15 +105,7 @@ class ContractiveToroidalConv(eqx.Module):
         """`min(1, gamma / ||K||_op)` on `norm_grid`, by `method` (default `norm_method`)."""
         h, w = self.norm_grid
         method = self.norm_method if method is None else method
-        if method == "auto":
-            small = max(self.in_channels, self.out_channels) <= 32
-            method = "svd" if small and jax.default_backend() == "cpu" else "power"
-        if method == "svd":
-            norm = self.conv.operator_norm(h, w)
-        elif method == "power":
-            norm = self.conv.operator_norm_estimate(h, w, iters=self.power_iters)
-        else:
-            raise ValueError(f"`method` must be 'auto', 'svd' or 'power', got {method!r}.")
+        norm = spectrum_norm(self.conv.spectrum(h, w), method, self.power_iters)
         big = norm > self.gamma
         return jnp.where(big, self.gamma / jnp.where(big, norm, 1.0), 1.0)
 

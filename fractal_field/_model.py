@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -17,6 +18,7 @@ from jaxtyping import Array, Complex, Float, PRNGKeyArray
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._cell import FractalCell
 from ._fixed_point import fixed_point
+from ._multiscale import MultiScaleCell
 from ._planar import from_planar, to_planar
 from ._solution import Solution
 from ._solver import AbstractFixedPointSolver, Anderson
@@ -143,32 +145,58 @@ def _pool_matrix(n: int, g: int) -> np.ndarray:
 
 class Readout(eqx.Module):
     """`|z|` (plus `Re`/`Im` of the unit phase if `phase_features`) -> average pooling to a
-    `grid x grid` layout (1 = global pooling) -> linear -> logits."""
+    `grid x grid` layout (1 = global pooling) -> linear -> logits.
+
+    For a multi-scale state (`channels` a tuple, the fields finest first), scale `s` is pooled
+    to `max(1, grid // 2^s)` bins a side and the features of all scales are concatenated.
+    """
 
     linear: eqx.nn.Linear
     grid: int = eqx.field(static=True)
     phase_features: bool = eqx.field(static=True)
+    channels: tuple[int, ...] = eqx.field(static=True)
 
     def __init__(
-        self, channels: int, num_classes: int, *, grid: int = 1, phase_features=False, key
+        self,
+        channels: int | Sequence[int],
+        num_classes: int,
+        *,
+        grid: int = 1,
+        phase_features=False,
+        key,
     ):
-        feats = channels * (3 if phase_features else 1) * grid * grid
-        self.linear = eqx.nn.Linear(feats, num_classes, dtype=jnp.float32, key=key)
+        self.channels = (channels,) if isinstance(channels, int) else tuple(channels)
         self.grid = grid
         self.phase_features = phase_features
+        per_site = 3 if phase_features else 1
+        feats = per_site * sum(c * g * g for c, g in zip(self.channels, self.grids, strict=True))
+        self.linear = eqx.nn.Linear(feats, num_classes, dtype=jnp.float32, key=key)
 
-    def __call__(self, z: Complex[Array, "c h w"]) -> Float[Array, " classes"]:
+    @property
+    def grids(self) -> tuple[int, ...]:
+        return tuple(max(1, self.grid >> s) for s in range(len(self.channels)))
+
+    def __call__(self, z: Complex[Array, "c h w"] | tuple) -> Float[Array, " classes"]:
+        zs = tuple(z) if isinstance(z, (tuple, list)) else (z,)
+        if len(zs) != len(self.channels):
+            raise ValueError(f"Readout expects {len(self.channels)} fields, got {len(zs)}.")
+        feats = [self._features(zi, g) for zi, g in zip(zs, self.grids, strict=True)]
+        feats = jnp.concatenate(feats)
+        return self.linear(feats.astype(self.linear.weight.dtype))
+
+    def _features(self, z: Complex[Array, "c h w"], g: int) -> Float[Array, " f"]:
         mag = jnp.sqrt(jnp.real(z) ** 2 + jnp.imag(z) ** 2 + 1e-12)
         feats = [mag]
         if self.phase_features:
             feats += [jnp.real(z) / (mag + 1e-6) * mag, jnp.imag(z) / (mag + 1e-6) * mag]
         f = jnp.concatenate(feats, 0)
         c, h, w = f.shape
-        g = self.grid
+        if h < g or w < g:
+            raise ValueError(f"Readout pools to {g}x{g} bins; the field's grid is {h}x{w}.")
         # Adaptive average pooling on the torus grid (bins of near-equal size), as two small
         # averaging matrices: one contraction, whatever layout `z` arrives in.
         pooled = jnp.einsum("ih,chw,jw->cij", _pool_matrix(h, g), f, _pool_matrix(w, g))
-        return self.linear(pooled.reshape(-1).astype(self.linear.weight.dtype))
+        return pooled.reshape(-1)
 
 
 class FieldClassifier(eqx.Module):
@@ -186,10 +214,16 @@ class FieldClassifier(eqx.Module):
       resolution-agnostic solvers (`ff.Multigrid`).
 
     `stem > 0` gives the encoder a hidden 3x3 ReLU convolution with that many maps.
+
+    `scales > 1` makes the field multi-resolution (`ff.MultiScaleCell`): `channels` complex
+    channels on each of the `grid`, `grid / 2`, ... tori (or `channels` a tuple, one count per
+    scale), coupled at every step, the injection entering at the finest; `coupling` sets the
+    initial size of the cross-scale weights. The solution's value is then a tuple of fields,
+    finest first.
     """
 
     encoder: Encoder
-    cell: FractalCell
+    cell: FractalCell | MultiScaleCell
     readout: Readout
     solver: AbstractFixedPointSolver
     adjoint: AbstractAdjoint
@@ -204,7 +238,9 @@ class FieldClassifier(eqx.Module):
         in_channels: int,
         num_classes: int,
         image_size: int,
-        channels: int = 24,
+        channels: int | Sequence[int] = 24,
+        scales: int = 1,
+        coupling: float = 0.5,
         pool: int = 2,
         kernel_size: int = 3,
         dilations: tuple[int, ...] = (1,),
@@ -229,11 +265,26 @@ class FieldClassifier(eqx.Module):
             raise ValueError(
                 f"FieldClassifier(batch_solve={batch_solve!r}) must be 'per_sample' or 'planar'."
             )
+        if isinstance(channels, int):
+            if scales < 1:
+                raise ValueError(f"FieldClassifier(scales={scales}) must be >= 1.")
+            chans = (channels,) * scales
+        else:
+            chans = tuple(int(c) for c in channels)
+            if scales not in (1, len(chans)):
+                raise ValueError(
+                    f"FieldClassifier(scales={scales}, channels={channels}): give one channel "
+                    "count per scale."
+                )
+        if len(chans) > 1 and getattr(solver, "resolution_agnostic", False):
+            raise ValueError(
+                f"{type(solver).__name__} solves a single field across resolutions; a "
+                "multi-scale field (scales > 1) needs a single-grid solver (Anderson, Naive)."
+            )
         ekey, ckey, rkey = jr.split(key, 3)
         grid = image_size // pool
-        self.encoder = Encoder(in_channels, channels, pool=pool, phase=phase, hidden=stem, key=ekey)
-        self.cell = FractalCell(
-            channels,
+        self.encoder = Encoder(in_channels, chans[0], pool=pool, phase=phase, hidden=stem, key=ekey)
+        cell_kwargs = dict(
             kernel_size=kernel_size,
             dilations=tuple(dilations),
             gamma=gamma,
@@ -244,8 +295,16 @@ class FieldClassifier(eqx.Module):
             impl=impl,
             key=ckey,
         )
+        if len(chans) == 1:
+            self.cell = FractalCell(chans[0], **cell_kwargs)
+        else:
+            self.cell = MultiScaleCell(chans, coupling=coupling, **cell_kwargs)
         self.readout = Readout(
-            channels, num_classes, grid=readout_grid, phase_features=phase_features, key=rkey
+            chans if len(chans) > 1 else chans[0],
+            num_classes,
+            grid=readout_grid,
+            phase_features=phase_features,
+            key=rkey,
         )
         self.solver = Anderson() if solver is None else solver
         self.adjoint = ImplicitAdjoint() if adjoint is None else adjoint
@@ -274,14 +333,19 @@ class FieldClassifier(eqx.Module):
         """Encode `x` and solve the field; keyword arguments override `ff.fixed_point`'s."""
         injection = self.encoder(x)
         kwargs = self._solve_kwargs(fixed_point_kwargs)
-        z0 = jnp.zeros_like(injection)
+        z0 = self.cell.init_state(injection)
         if getattr(kwargs["solver"], "resolution_agnostic", False):
+            if isinstance(self.cell, MultiScaleCell):
+                raise ValueError(
+                    f"{type(kwargs['solver']).__name__} cannot solve a multi-scale field; "
+                    "use a single-grid solver (Anderson, Naive)."
+                )
             # Acts at any grid size; the solver restricts the injection alongside the state.
             fn = self.cell.normalized()
         else:
             # Precompute the operator (e.g. the kernel's spectrum) once, outside the loop.
             _, h, w = injection.shape
-            op = self.cell.conv.operator(h, w)
+            op = self.cell.operator(h, w)
             cell = self.cell
 
             def fn(z, inj):
@@ -300,7 +364,8 @@ class FieldClassifier(eqx.Module):
     ) -> Solution:
         """Encode a batch and solve its fields as one problem in the planar layout.
 
-        Returns the batch's `ff.Solution` with `value` of shape `(b, c, h, w)` (complex) and
+        Returns the batch's `ff.Solution` with `value` of shape `(b, c, h, w)` (complex; a
+        tuple of such fields, finest first, for a multi-scale field) and
         scalar `result` and `stats` (one solve). Differentiating with respect to `stats_probe`
         gives the backward solve's statistics times `b`, so that, as for `b` per-sample solves,
         dividing by `b` gives the per-image mean.
@@ -311,7 +376,7 @@ class FieldClassifier(eqx.Module):
         kwargs = self._solve_kwargs(fixed_point_kwargs)
         _check_planar_solver(kwargs["solver"])
         _, h, w, _, b = injection.shape
-        op = self.cell.conv.planar_operator(h, w)
+        op = self.cell.planar_operator(h, w)
         cell = self.cell
 
         def fn(p, inj):
@@ -320,11 +385,11 @@ class FieldClassifier(eqx.Module):
         if stats_probe is not None:
             stats_probe = stats_probe * b
         sol = fixed_point(
-            fn, jnp.zeros_like(injection), injection, stats_probe=stats_probe, **kwargs
+            fn, self.cell.init_state(injection), injection, stats_probe=stats_probe, **kwargs
         )
-        sol = eqx.tree_at(lambda s: s.value, sol, from_planar(sol.value))
+        sol = eqx.tree_at(lambda s: s.value, sol, jax.tree_util.tree_map(from_planar, sol.value))
         if sol.stats.trajectory is not None:  # (records, 2, h, w, c, b) -> (records, b, c, h, w)
-            traj = jax.vmap(from_planar)(sol.stats.trajectory)
+            traj = jax.tree_util.tree_map(jax.vmap(from_planar), sol.stats.trajectory)
             sol = eqx.tree_at(lambda s: s.stats.trajectory, sol, traj)
         return sol
 
@@ -348,7 +413,8 @@ class FieldClassifier(eqx.Module):
             (sol.result, stats),
         )
         if traj is not None:  # each image's own iterates, batch axis first as under vmap
-            stats = dataclasses.replace(stats, trajectory=jnp.swapaxes(traj, 0, 1))
+            traj = jax.tree_util.tree_map(lambda t: jnp.swapaxes(t, 0, 1), traj)
+            stats = dataclasses.replace(stats, trajectory=traj)
         sol = Solution(value=sol.value, result=result, stats=stats)
         return jax.vmap(self.readout)(sol.value), sol
 
