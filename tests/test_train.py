@@ -70,6 +70,33 @@ def test_cifar_smoke_planar_training_loss_falls(tmp_path):
     assert summary["model"].batch_solve == "planar"
 
 
+def test_multiscale_training_checkpoints_and_reloads(tmp_path):
+    """A multi-scale field (two coupled tori, the state a tuple of fields) trains through the
+    same script path, and its checkpoint rebuilds the same model in one call."""
+    config = ff.load_config(
+        CIFAR_SMOKE,
+        [
+            "epochs=6",
+            "data.train_size=256",
+            "optim.lr=5e-2",
+            "optim.warmup_epochs=0.5",
+            "model.scales=2",
+            "model.channels=4",
+        ],
+    )
+    summary = ff.train(config, tmp_path)
+    rows = _steps(tmp_path)
+    first = np.mean([r["loss"] for r in rows[:3]])
+    last = np.mean([r["loss"] for r in rows[-3:]])
+    assert last < 0.7 * first, (first, last)
+    loaded = ff.load_model(tmp_path / "checkpoints" / "last.eqx")
+    assert isinstance(loaded.cell, ff.MultiScaleCell) and loaded.cell.channels == (4, 4)
+    for a, b in zip(_params(loaded), _params(summary["model"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 8, 8))
+    np.testing.assert_allclose(loaded.batched(x)[0], summary["model"].batched(x)[0], rtol=1e-6)
+
+
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     config = ff.load_config(SMOKE, ["epochs=2"])
     full = ff.train(config, tmp_path / "full")
@@ -306,3 +333,21 @@ def test_build_solver_and_adjoint_from_config():
         build_solver({"name": "newton"})
     with pytest.raises(ValueError, match="Unknown adjoint 'exact'"):
         build_adjoint({"name": "exact"})
+
+
+@pytest.mark.parametrize(
+    "spec, budget",
+    [
+        ("mnist_nano.py", 20_000),
+        ("cifar10_small.py", 170_000),
+        ("cifar10_small.py:multiscale", 170_000),
+    ],
+)
+def test_config_models_stay_within_their_parameter_budget(spec, budget):
+    from fractal_field._train import build_model
+
+    config = ff.load_config(str(ROOT / "configs" / spec))
+    shapes = eqx.filter_eval_shape(build_model, config, key=jax.random.PRNGKey(0))
+    leaves = [x for x in jax.tree_util.tree_leaves(shapes) if isinstance(x, jax.ShapeDtypeStruct)]
+    n = sum(x.size * (2 if jnp.issubdtype(x.dtype, jnp.complexfloating) else 1) for x in leaves)
+    assert 0.5 * budget < n < budget
