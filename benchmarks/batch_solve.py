@@ -42,8 +42,9 @@ ADJOINTS = {
 }
 
 
-def _case(config_path: str, adjoint: str, layout: str, data_dir):
-    config = ff.load_config(config_path, [f"model.batch_solve={layout}"])
+def _case(config_path: str, adjoint: str, layout: str, data_dir, overrides=()):
+    """A closure running one training step of the config with these settings."""
+    config = ff.load_config(config_path, [f"model.batch_solve={layout}", *overrides])
     if data_dir:
         config.data.data_dir = data_dir
     config.adjoint = ADJOINTS[adjoint]
