@@ -276,11 +276,8 @@ class FieldClassifier(eqx.Module):
                     f"FieldClassifier(scales={scales}, channels={channels}): give one channel "
                     "count per scale."
                 )
-        if len(chans) > 1 and getattr(solver, "resolution_agnostic", False):
-            raise ValueError(
-                f"{type(solver).__name__} solves a single field across resolutions; a "
-                "multi-scale field (scales > 1) needs a single-grid solver (Anderson, Naive)."
-            )
+        if len(chans) > 1:
+            _check_multiscale_solver(solver)
         ekey, ckey, rkey = jr.split(key, 3)
         grid = image_size // pool
         self.encoder = Encoder(in_channels, chans[0], pool=pool, phase=phase, hidden=stem, key=ekey)
@@ -336,10 +333,7 @@ class FieldClassifier(eqx.Module):
         z0 = self.cell.init_state(injection)
         if getattr(kwargs["solver"], "resolution_agnostic", False):
             if isinstance(self.cell, MultiScaleCell):
-                raise ValueError(
-                    f"{type(kwargs['solver']).__name__} cannot solve a multi-scale field; "
-                    "use a single-grid solver (Anderson, Naive)."
-                )
+                _check_multiscale_solver(kwargs["solver"])
             # Acts at any grid size; the solver restricts the injection alongside the state.
             fn = self.cell.normalized()
         else:
@@ -417,6 +411,14 @@ class FieldClassifier(eqx.Module):
             stats = dataclasses.replace(stats, trajectory=traj)
         sol = Solution(value=sol.value, result=result, stats=stats)
         return jax.vmap(self.readout)(sol.value), sol
+
+
+def _check_multiscale_solver(solver) -> None:
+    if getattr(solver, "resolution_agnostic", False):
+        raise ValueError(
+            f"{type(solver).__name__} solves a single field across resolutions; a multi-scale "
+            "field (scales > 1) needs a single-grid solver (Anderson, Naive)."
+        )
 
 
 def _check_planar_solver(solver) -> None:

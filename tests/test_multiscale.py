@@ -275,6 +275,9 @@ def test_errors_name_the_problem():
         ff.make_model("tiny", channels=(2, 3), scales=3, key=jr.PRNGKey(0))
     with pytest.raises(ValueError, match="single-grid solver"):
         ff.make_model("tiny", scales=2, solver=ff.Multigrid(), key=jr.PRNGKey(0))
+    model = ff.make_model("tiny", scales=2, channels=(2, 3), key=jr.PRNGKey(0))
+    with pytest.raises(ValueError, match="single-grid solver"):
+        model.solve(jnp.zeros((1, 8, 8)), solver=ff.Multigrid())
 
 
 @pytest.mark.parametrize("batch_solve", ["per_sample", "planar"])
