@@ -92,7 +92,8 @@ class MultiScaleCell(eqx.Module):
     point exists, is unique, and naive iteration reaches it.
 
     The state is a tuple of fields, finest first; `init_state(injection)` makes the zero state.
-    Grids must be divisible by `2^(scales - 1)`.
+    Grids must be divisible by `2^(scales - 1)`. `coupling` scales the initial `M_st` (relative
+    to a complex Glorot initialisation); the other arguments are those of `FractalCell`.
     """
 
     convs: tuple[ToroidalConv, ...]
