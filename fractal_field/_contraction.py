@@ -34,6 +34,16 @@ def spectrum_norm(
     raise ValueError(f"`method` must be 'auto', 'svd' or 'power', got {method!r}.")
 
 
+def check_norm_args(gamma: float, norm_grid: tuple[int, int], norm_method: str) -> None:
+    """Clear errors for a contraction's `gamma`, reference grid and norm method."""
+    if not 0 < gamma:
+        raise ValueError(f"`gamma` must be positive, got {gamma}.")
+    if len(norm_grid) != 2 or min(norm_grid) < 1:
+        raise ValueError(f"`norm_grid` must be a pair of positive ints, got {norm_grid!r}.")
+    if norm_method not in ("auto", "svd", "power"):
+        raise ValueError(f"`norm_method` must be 'auto', 'svd' or 'power', got {norm_method!r}.")
+
+
 class ContractiveToroidalConv(eqx.Module):
     """A `ToroidalConv` (field `conv`; same constructor arguments plus `gamma`, `norm_grid`)
     whose weight is rescaled by `min(1, gamma / ||K||_op)`.
@@ -77,14 +87,7 @@ class ContractiveToroidalConv(eqx.Module):
         dtype=jnp.complex64,
         key: PRNGKeyArray,
     ):
-        if not 0 < gamma:
-            raise ValueError(f"`gamma` must be positive, got {gamma}.")
-        if len(norm_grid) != 2 or min(norm_grid) < 1:
-            raise ValueError(f"`norm_grid` must be a pair of positive ints, got {norm_grid!r}.")
-        if norm_method not in ("auto", "svd", "power"):
-            raise ValueError(
-                f"`norm_method` must be 'auto', 'svd' or 'power', got {norm_method!r}."
-            )
+        check_norm_args(gamma, norm_grid, norm_method)
         self.conv = ToroidalConv(
             in_channels, out_channels, kernel_size, dilations, impl=impl, dtype=dtype, key=key
         )

@@ -14,7 +14,7 @@ from jaxtyping import Array, Complex, Float, PRNGKeyArray
 
 from ._activation import LIPSCHITZ
 from ._cell import make_activation, make_alpha
-from ._contraction import spectrum_norm
+from ._contraction import check_norm_args, spectrum_norm
 from ._conv import ToroidalConv, complex_rayleigh_init
 
 Fields = tuple[Array, ...]
@@ -23,6 +23,14 @@ Fields = tuple[Array, ...]
 def _pairs(scales: int) -> list[tuple[int, int]]:
     """Coupled `(target, source)` scale pairs, in the order of `MultiScaleCell.mix`."""
     return [(s, t) for s, t in itertools.product(range(scales), repeat=2) if s != t]
+
+
+def _check_grid(scales: int, h: int, w: int) -> None:
+    f = 2 ** (scales - 1)
+    if h % f or w % f:
+        raise ValueError(
+            f"MultiScaleCell with {scales} scales needs a grid divisible by {f}; got {h}x{w}."
+        )
 
 
 def _pool(z: Array, f: int, planar: bool) -> Array:
@@ -129,18 +137,9 @@ class MultiScaleCell(eqx.Module):
         if not channels or min(channels) < 1:
             raise ValueError(f"MultiScaleCell(channels={channels}): need positive channel counts.")
         scales = len(channels)
+        check_norm_args(gamma, norm_grid, norm_method)
         h, w = (int(n) for n in norm_grid)
-        if h % 2 ** (scales - 1) or w % 2 ** (scales - 1):
-            raise ValueError(
-                f"MultiScaleCell: norm_grid {norm_grid} must be divisible by "
-                f"2^(scales - 1) = {2 ** (scales - 1)} for {scales} scales."
-            )
-        if not 0 < gamma:
-            raise ValueError(f"`gamma` must be positive, got {gamma}.")
-        if norm_method not in ("auto", "svd", "power"):
-            raise ValueError(
-                f"`norm_method` must be 'auto', 'svd' or 'power', got {norm_method!r}."
-            )
+        _check_grid(scales, h, w)
         self.alpha_param = make_alpha(alpha, learn_alpha, "MultiScaleCell")
         self.acts = tuple(make_activation(activation, c) for c in channels)
         ckey, mkey = jr.split(key)
@@ -192,18 +191,10 @@ class MultiScaleCell(eqx.Module):
         big = norm > self.gamma
         return jnp.where(big, self.gamma / jnp.where(big, norm, 1.0), 1.0)
 
-    def _check_grid(self, h: int, w: int) -> None:
-        f = 2 ** (self.scales - 1)
-        if h % f or w % f:
-            raise ValueError(
-                f"MultiScaleCell with {self.scales} scales needs a grid divisible by {f}; "
-                f"got {h}x{w}."
-            )
-
     def operator(self, h: int, w: int, *, planar: bool = False) -> MultiScaleOperator:
         """The rescaled linear part on the `h x w` (finest) torus, for `step_with` (or, with
         `planar=True`, `planar_step`); build once per solve (computes the norms)."""
-        self._check_grid(h, w)
+        _check_grid(self.scales, h, w)
         c = self.scale()
         convs = []
         for s, conv in enumerate(self.convs):
@@ -222,7 +213,7 @@ class MultiScaleCell(eqx.Module):
         u = injection[0] if isinstance(injection, (tuple, list)) else injection
         planar = u.ndim == 5
         h, w = u.shape[1:3] if planar else u.shape[1:]
-        self._check_grid(h, w)
+        _check_grid(self.scales, h, w)
         if planar:
             shapes = [(2, h >> s, w >> s, c, u.shape[-1]) for s, c in enumerate(self.channels)]
         else:
@@ -278,7 +269,7 @@ class MultiScaleCell(eqx.Module):
     def lipschitz_bound(self, h: int, w: int) -> Array:
         """Upper bound of the cell's Lipschitz constant on the `h x w` (finest) torus, in the
         norm `||z||^2 = sum_s mean(|z_s|^2)`."""
-        self._check_grid(h, w)
+        _check_grid(self.scales, h, w)
         norm = self.scale() * jnp.linalg.norm(self.norm_matrix(h, w, "svd"), 2)
         a = self.alpha()
         return (1 - a) + a * LIPSCHITZ[self.act_name] * norm
