@@ -37,11 +37,30 @@ def make_alpha(alpha: float, learn_alpha: bool, owner: str) -> Array | float:
     return jnp.asarray(jnp.log(alpha / (1 - alpha)), jnp.float32) if learn_alpha else float(alpha)
 
 
+class Expanded(eqx.Module):
+    """`K act(E z)`: an expansion to a wider hidden field, an activation, a projection back.
+
+    The linear part of an expanded `FractalCell` (its `operator`/`planar_operator`); `act` is
+    the hidden activation (or its `.planar` method for planar fields).
+    """
+
+    expand: Callable
+    act: Callable
+    project: Callable
+
+    def __call__(self, z):
+        return self.project(self.act(self.expand(z)))
+
+
 class FractalCell(eqx.Module):
     """`z <- (1 - alpha) z + alpha * act(K z + injection)` on a `(channels, h, w)` torus.
 
     - `K`: a complex toroidal convolution whose exact operator norm is kept at most `gamma`
       (on the reference grid `norm_grid`; see `ContractiveToroidalConv`).
+    - `hidden > 0` makes `K z` an expanded map `K act_h(E z)` (MDEQ's wide residual block):
+      `E` widens the field to `hidden` channels with operator norm at most 1, `act_h` is
+      `hidden_activation` (default: `activation`), and `K` projects back with norm at most
+      `gamma`, so the contraction bound is unchanged for 1-Lipschitz activations.
     - `act`: `"modrelu"` (learnable per-channel bias), `"cardioid"`, `"crelu"` or
       `"phase_tanh"`.
     - `alpha`: relaxation in (0, 1); learnable (through a sigmoid) if `learn_alpha`.
@@ -55,6 +74,9 @@ class FractalCell(eqx.Module):
     conv: ContractiveToroidalConv | ToroidalConv
     act: eqx.Module
     act_name: str = eqx.field(static=True)
+    expand: ContractiveToroidalConv | ToroidalConv | None
+    hidden_act: eqx.Module | None
+    hidden_act_name: str | None = eqx.field(static=True)
     alpha_param: Float[Array, ""] | float
     learn_alpha: bool = eqx.field(static=True)
 
@@ -70,13 +92,36 @@ class FractalCell(eqx.Module):
         alpha: float = 0.5,
         learn_alpha: bool = False,
         impl: str = "auto",
+        hidden: int = 0,
+        hidden_activation: str | None = None,
         key: PRNGKeyArray,
     ):
         alpha_param = make_alpha(alpha, learn_alpha, "FractalCell")
+        if hidden < 0:
+            raise ValueError(f"FractalCell(hidden={hidden}) must be >= 0 (0: no expansion).")
+        # Without expansion, the keys (so the initial weights) are those of cells before it.
         ckey, akey = jr.split(key)
+        ekey = jr.fold_in(key, 1)
         check_activation(activation)
+        hidden_activation = activation if hidden_activation is None else hidden_activation
+        check_activation(hidden_activation)
+        if hidden:
+            self.expand = ContractiveToroidalConv(
+                channels,
+                hidden,
+                kernel_size,
+                dilations,
+                gamma=1.0,
+                norm_grid=norm_grid,
+                impl=impl,
+                key=ekey,
+            )
+            self.hidden_act = make_activation(hidden_activation, hidden)
+            self.hidden_act_name = hidden_activation
+        else:
+            self.expand = self.hidden_act = self.hidden_act_name = None
         self.conv = ContractiveToroidalConv(
-            channels,
+            hidden or channels,
             channels,
             kernel_size,
             dilations,
@@ -97,20 +142,34 @@ class FractalCell(eqx.Module):
     def alpha(self):
         return jax.nn.sigmoid(self.alpha_param) if self.learn_alpha else self.alpha_param
 
+    @property
+    def hidden(self) -> int:
+        return 0 if self.expand is None else self.expand.out_channels
+
     def __call__(
         self, z: Complex[Array, "c h w"], injection: Complex[Array, "c h w"]
     ) -> Complex[Array, "c h w"]:
         """One cell update at any grid size."""
-        return self.step_with(self.conv, z, injection)
+        if self.expand is None:
+            return self.step_with(self.conv, z, injection)
+        return self.step_with(Expanded(self.expand, self.hidden_act, self.conv), z, injection)
 
     def operator(self, h: int, w: int) -> Callable:
-        """The cell's (rescaled) convolution on the `h x w` torus, for `step_with`; build once
+        """The cell's (rescaled) linear part on the `h x w` torus, for `step_with`; build once
         per solve."""
-        return self.conv.operator(h, w)
+        if self.expand is None:
+            return self.conv.operator(h, w)
+        return Expanded(self.expand.operator(h, w), self.hidden_act, self.conv.operator(h, w))
 
     def planar_operator(self, h: int, w: int) -> Callable:
         """The same for batched planar fields, for `planar_step`."""
-        return self.conv.planar_operator(h, w)
+        if self.expand is None:
+            return self.conv.planar_operator(h, w)
+        return Expanded(
+            self.expand.planar_operator(h, w),
+            self.hidden_act.planar,
+            self.conv.planar_operator(h, w),
+        )
 
     def init_state(self, injection: Array) -> Array:
         """The zero field matching `injection` (unbatched, or batched planar)."""
@@ -136,12 +195,21 @@ class FractalCell(eqx.Module):
         solvers that call it at several grid sizes."""
         if isinstance(self.conv, ToroidalConv):
             return self
-        return eqx.tree_at(lambda c: c.conv, self, self.conv.effective())
+        cell = eqx.tree_at(lambda c: c.conv, self, self.conv.effective())
+        if self.expand is None:
+            return cell
+        return eqx.tree_at(lambda c: c.expand, cell, self.expand.effective())
 
     def lipschitz_bound(self, h: int, w: int):
         """Upper bound of the cell's Lipschitz constant on an `h x w` torus."""
-        act_lip = LIPSCHITZ[self.act_name]
+        lip = LIPSCHITZ[self.act_name] * _norm(self.conv, h, w)
+        if self.expand is not None:
+            lip = lip * LIPSCHITZ[self.hidden_act_name] * _norm(self.expand, h, w)
         a = self.alpha()
-        conv = self.conv if isinstance(self.conv, ContractiveToroidalConv) else None
-        k_norm = conv.lipschitz_bound(h, w) if conv else self.conv.operator_norm(h, w)
-        return (1 - a) + a * act_lip * k_norm
+        return (1 - a) + a * lip
+
+
+def _norm(conv: ContractiveToroidalConv | ToroidalConv, h: int, w: int) -> Array:
+    if isinstance(conv, ContractiveToroidalConv):
+        return conv.lipschitz_bound(h, w)
+    return conv.operator_norm(h, w)

@@ -215,6 +215,9 @@ class FieldClassifier(eqx.Module):
 
     `stem > 0` gives the encoder a hidden 3x3 ReLU convolution with that many maps.
 
+    `hidden > 0` expands the cell's convolution to `hidden` channels and back at every step
+    (`FractalCell(hidden=...)`), with `hidden_activation` between.
+
     `scales > 1` makes the field multi-resolution (`ff.MultiScaleCell`): `channels` complex
     channels on each of the `grid`, `grid / 2`, ... tori (or `channels` a tuple, one count per
     scale), coupled at every step, the injection entering at the finest; `coupling` sets the
@@ -250,6 +253,8 @@ class FieldClassifier(eqx.Module):
         learn_alpha: bool = False,
         phase: str = "none",
         stem: int = 0,
+        hidden: int = 0,
+        hidden_activation: str | None = None,
         readout_grid: int = 1,
         phase_features: bool = False,
         impl: str = "auto",
@@ -278,6 +283,11 @@ class FieldClassifier(eqx.Module):
                 )
         if len(chans) > 1:
             _check_multiscale_solver(solver)
+            if hidden:
+                raise ValueError(
+                    f"FieldClassifier(hidden={hidden}) expands a single field's cell; it is "
+                    f"not available with scales={len(chans)}."
+                )
         ekey, ckey, rkey = jr.split(key, 3)
         grid = image_size // pool
         self.encoder = Encoder(in_channels, chans[0], pool=pool, phase=phase, hidden=stem, key=ekey)
@@ -293,7 +303,9 @@ class FieldClassifier(eqx.Module):
             key=ckey,
         )
         if len(chans) == 1:
-            self.cell = FractalCell(chans[0], **cell_kwargs)
+            self.cell = FractalCell(
+                chans[0], hidden=hidden, hidden_activation=hidden_activation, **cell_kwargs
+            )
         else:
             self.cell = MultiScaleCell(chans, coupling=coupling, **cell_kwargs)
         self.readout = Readout(

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from _reference import np_conv_norm, np_correlate, np_modrelu
 
 import fractal_field as ff
 
@@ -43,32 +44,8 @@ def _to128(cell):
     return jax.tree_util.tree_map(cast, cell)
 
 
-# An independent NumPy implementation: wrap-around correlation tap by tap, pooling by block
-# means, upsampling by Kronecker products, norms from the kernel's DFT and dense SVDs.
-
-
-def _np_correlate(weight, z):
-    """`weight (cout, cin, k, k)` cross-correlated with `z (cin, h, w)` on the torus."""
-    k = weight.shape[-1]
-    c = k // 2
-    out = np.zeros((weight.shape[0],) + z.shape[1:], complex)
-    for a in range(k):
-        for b in range(k):
-            shifted = np.roll(z, (-(a - c), -(b - c)), axis=(1, 2))
-            out += np.einsum("oi,ihw->ohw", weight[:, :, a, b], shifted)
-    return out
-
-
-def _np_conv_norm(weight, h, w):
-    """Exact operator norm: the largest singular value of the dense matrix of the map."""
-    cin = weight.shape[1]
-    n = cin * h * w
-    cols = []
-    for j in range(n):
-        e = np.zeros(n, complex)
-        e[j] = 1
-        cols.append(_np_correlate(weight, e.reshape(cin, h, w)).reshape(-1))
-    return np.linalg.norm(np.stack(cols, 1), 2)
+# An independent NumPy implementation (`_reference.py`): wrap-around correlation tap by tap,
+# pooling by block means, upsampling by Kronecker products, norms from dense SVDs.
 
 
 def _np_pool(z, f):
@@ -80,11 +57,6 @@ def _np_up(z, f):
     return np.kron(z, np.ones((1, f, f)))
 
 
-def _np_modrelu(z, b):
-    r = np.sqrt(np.abs(z) ** 2 + 1e-12)
-    return np.maximum(r + np.minimum(b, 0)[:, None, None], 0) / r * z
-
-
 def _np_step(cell, zs, inj):
     zs = [np.asarray(z, complex) for z in zs]
     s_count = len(zs)
@@ -94,11 +66,11 @@ def _np_step(cell, zs, inj):
     pairs = [(s, t) for s in range(s_count) for t in range(s_count) if s != t]
     n = np.zeros((s_count, s_count))
     for s, wt in enumerate(weights):
-        n[s, s] = _np_conv_norm(wt, h >> s, w >> s)
+        n[s, s] = np_conv_norm(wt, h >> s, w >> s)
     for m, (s, t) in zip(mix, pairs, strict=True):
         n[s, t] = np.linalg.norm(m, 2)
     c = min(1.0, cell.gamma / np.linalg.norm(n, 2))
-    lin = [c * _np_correlate(wt, z) for wt, z in zip(weights, zs, strict=True)]
+    lin = [c * np_correlate(wt, z) for wt, z in zip(weights, zs, strict=True)]
     for m, (s, t) in zip(mix, pairs, strict=True):
         if t < s:
             y = np.einsum("oc,chw->ohw", m, _np_pool(zs[t], 2 ** (s - t)))
@@ -108,7 +80,7 @@ def _np_step(cell, zs, inj):
     lin[0] = lin[0] + np.asarray(inj, complex)
     a = cell.alpha()
     return [
-        (1 - a) * z + a * _np_modrelu(y, np.asarray(act.bias))
+        (1 - a) * z + a * np_modrelu(y, np.asarray(act.bias))
         for z, y, act in zip(zs, lin, cell.acts, strict=True)
     ]
 

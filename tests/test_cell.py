@@ -1,0 +1,200 @@
+"""The expanded fractal cell: `z <- (1-a) z + a act(K act_h(E z) + injection)`."""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import ml_collections
+import numpy as np
+import pytest
+from _reference import np_conv_norm, np_correlate, np_crelu, np_modrelu
+
+import fractal_field as ff
+from fractal_field._checkpoint import save_checkpoint
+from fractal_field._train import build_model
+
+C, HIDDEN, GRID = 3, 5, 8
+
+
+def _field(key, shape, dtype=jnp.complex64):
+    kr, ki = jr.split(key)
+    real = jnp.finfo(dtype).dtype
+    return (jr.normal(kr, shape, real) + 1j * jr.normal(ki, shape, real)).astype(dtype)
+
+
+@functools.cache
+def _cell(hidden_activation="modrelu", gamma=0.9, dtype=jnp.complex64):
+    """An expanded cell with active (negative) modReLU biases and large raw kernels, so that
+    both rescalings and both nonlinearities matter. Built once per argument set."""
+    cell = ff.FractalCell(
+        C,
+        hidden=HIDDEN,
+        hidden_activation=hidden_activation,
+        gamma=gamma,
+        norm_grid=(GRID, GRID),
+        key=jr.PRNGKey(0),
+    )
+    cell = eqx.tree_at(lambda c: c.act.bias, cell, -0.3 * jnp.arange(1, C + 1, dtype=jnp.float32))
+    if hidden_activation == "modrelu":
+        bias = -0.2 * jnp.arange(HIDDEN, dtype=jnp.float32)
+        cell = eqx.tree_at(lambda c: c.hidden_act.bias, cell, bias)
+    cell = eqx.tree_at(lambda c: c.expand.conv.weight, cell, cell.expand.conv.weight * 5)
+    cell = eqx.tree_at(lambda c: c.conv.conv.weight, cell, cell.conv.conv.weight * 5)
+    real = jnp.finfo(dtype).dtype
+
+    def cast(x):
+        if not eqx.is_inexact_array(x):
+            return x
+        return x.astype(dtype if jnp.iscomplexobj(x) else real)
+
+    return jax.tree_util.tree_map(cast, cell)
+
+
+def _np_step(cell, z, inj):
+    z = np.asarray(z, complex)
+    h, w = z.shape[1:]
+    e = np.asarray(cell.expand.conv.weight[0], complex)
+    k = np.asarray(cell.conv.conv.weight[0], complex)
+    e = e * min(1.0, 1.0 / np_conv_norm(e, GRID, GRID))
+    k = k * min(1.0, cell.conv.gamma / np_conv_norm(k, GRID, GRID))
+    hid = np_correlate(e, z)
+    if cell.hidden_act_name == "modrelu":
+        hid = np_modrelu(hid, np.asarray(cell.hidden_act.bias))
+    else:
+        hid = np_crelu(hid)
+    y = np_correlate(k, hid) + np.asarray(inj, complex)
+    a = cell.alpha()
+    return (1 - a) * z + a * np_modrelu(y, np.asarray(cell.act.bias))
+
+
+@pytest.mark.parametrize("hidden_activation", ["modrelu", "crelu"])
+def test_step_matches_independent_reference(hidden_activation):
+    cell = _cell(hidden_activation)
+    assert cell.hidden == HIDDEN and cell.channels == C
+    z = _field(jr.PRNGKey(1), (C, GRID, GRID))
+    inj = _field(jr.PRNGKey(2), (C, GRID, GRID))
+    want = _np_step(cell, z, inj)
+    op = cell.operator(GRID, GRID)
+    np.testing.assert_allclose(cell.step_with(op, z, inj), want, rtol=1e-4, atol=1e-5)
+    # The resolution-agnostic call (what Multigrid uses) is the same map.
+    np.testing.assert_allclose(cell.normalized()(z, inj), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden_activation", ["modrelu", "cardioid"])
+def test_certified_contraction(hidden_activation):
+    """`lipschitz_bound` multiplies both convolutions' norms and both activations' constants,
+    stays at most `(1 - a) + a Lip(act) Lip(act_h) gamma`, and bounds observed ratios."""
+    cell = _cell(hidden_activation, gamma=0.8)
+    bound = float(cell.lipschitz_bound(GRID, GRID))
+    a = cell.alpha()
+    lip_h = ff.LIPSCHITZ[hidden_activation]
+    assert bound <= (1 - a) + a * lip_h * 0.8 + 1e-5
+    e_norm = float(cell.expand.lipschitz_bound(GRID, GRID))
+    k_norm = float(cell.conv.lipschitz_bound(GRID, GRID))
+    np.testing.assert_allclose(bound, (1 - a) + a * lip_h * e_norm * k_norm, rtol=1e-6)
+    np.testing.assert_allclose([e_norm, k_norm], [1.0, 0.8], rtol=1e-4)  # both rescaled
+    inj = _field(jr.PRNGKey(3), (C, GRID, GRID))
+    za = _field(jr.PRNGKey(4), (32, C, GRID, GRID))
+    dz = _field(jr.PRNGKey(5), (32, C, GRID, GRID))
+    dz = dz * jnp.where(jnp.arange(32) % 2, 1e-2, 1.0)[:, None, None, None]
+    step = eqx.filter_jit(jax.vmap(lambda z: cell(z, inj)))
+    num = jnp.linalg.norm((step(za) - step(za + dz)).reshape(32, -1), axis=1)
+    ratio = num / jnp.linalg.norm(dz.reshape(32, -1), axis=1)
+    assert 0.3 < float(ratio.max()) <= bound + 1e-5
+
+
+def test_planar_step_matches_unbatched_steps():
+    with jax.enable_x64(True):
+        cell = _cell(dtype=jnp.complex128)
+        z = _field(jr.PRNGKey(6), (4, C, GRID, GRID), jnp.complex128)
+        inj = _field(jr.PRNGKey(7), (4, C, GRID, GRID), jnp.complex128)
+        op = cell.operator(GRID, GRID)
+        want = jax.vmap(lambda z, u: cell.step_with(op, z, u))(z, inj)
+        pop = cell.planar_operator(GRID, GRID)
+        got = cell.planar_step(pop, ff.to_planar(z), ff.to_planar(inj))
+        np.testing.assert_allclose(ff.from_planar(got), want, rtol=1e-10, atol=1e-12)
+
+
+def test_fixed_point_gradient_matches_unrolled_reference():
+    """Implicit gradients (expansion, projection, both activations' biases) against
+    differentiating a long naive unroll of the same contraction."""
+    with jax.enable_x64(True):
+        cell = _cell(gamma=0.5, dtype=jnp.complex128)
+        inj = _field(jr.PRNGKey(8), (C, GRID, GRID), jnp.complex128)
+        params, static = eqx.partition(cell, eqx.is_inexact_array)
+
+        def loss(p, adjoint):
+            c = eqx.combine(p, static)
+            op = c.operator(GRID, GRID)
+            sol = ff.fixed_point(
+                lambda z, u: c.step_with(op, z, u),
+                c.init_state(inj),
+                inj,
+                solver=ff.Anderson() if isinstance(adjoint, ff.ImplicitAdjoint) else ff.Naive(),
+                adjoint=adjoint,
+                max_steps=200,
+                rtol=1e-13,
+                atol=0.0,
+            )
+            return jnp.sum(jnp.abs(sol.value) ** 2 * jnp.arange(1, C + 1)[:, None, None])
+
+        grad = eqx.filter_jit(jax.grad(loss))
+        g_imp = grad(params, ff.ImplicitAdjoint(rtol=1e-13, atol=0.0, max_steps=200))
+        g_unr = grad(params, ff.UnrolledAdjoint())
+        leaves = jax.tree_util.tree_leaves(g_imp)
+        assert len(leaves) == 4  # expansion, projection, two modReLU biases
+        for a, b in zip(leaves, jax.tree_util.tree_leaves(g_unr), strict=True):
+            assert float(jnp.max(jnp.abs(b))) > 0
+            np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_unexpanded_cell_keeps_its_initial_weights():
+    """`hidden=0` draws the same weights as before the option existed (shipped checkpoints
+    and seeded runs stay reproducible); the expansion draws its own."""
+    key = jr.PRNGKey(3)
+    plain = ff.FractalCell(C, key=key)
+    want = ff.ContractiveToroidalConv(C, C, key=jr.split(key)[0]).conv.weight
+    np.testing.assert_array_equal(plain.conv.conv.weight, want)
+    assert plain.expand is None and plain.hidden == 0
+    arrays = jax.tree_util.tree_leaves(eqx.filter(plain, eqx.is_array))
+    assert len(arrays) == 2  # the convolution, the modReLU bias
+
+
+def test_classifier_with_expanded_cell_agrees_across_batch_modes_and_reloads(tmp_path):
+    def config(batch_solve):
+        model = dict(preset="tiny", hidden=8, hidden_activation="crelu", batch_solve=batch_solve)
+        return ml_collections.ConfigDict(
+            dict(
+                model=model,
+                solver=dict(name="anderson", history=5),
+                adjoint=dict(name="implicit"),
+                epochs=1,
+                optim=dict(lr=1e-3, warmup_epochs=0.0, weight_decay=0.0, clip=1.0),
+            )
+        )
+
+    model = build_model(config("planar"), key=jr.PRNGKey(0))
+    assert model.cell.hidden == 8 and model.cell.hidden_act_name == "crelu"
+    x = jr.normal(jr.PRNGKey(1), (3, 1, 8, 8))
+    fwd = eqx.filter_jit(lambda m, x: m.batched(x, rtol=1e-5, max_steps=60))
+    planar, sol = fwd(model, x)
+    assert bool(jnp.all(sol.result == ff.RESULTS.successful))
+    per_sample, _ = fwd(build_model(config("per_sample"), key=jr.PRNGKey(0)), x)
+    np.testing.assert_allclose(planar, per_sample, rtol=1e-3, atol=1e-4)
+    # A checkpoint rebuilds the expanded model from its config.
+    model = jax.tree_util.tree_map(lambda p: p + 0.01 if eqx.is_inexact_array(p) else p, model)
+    path = tmp_path / "model.eqx"
+    save_checkpoint(path, model, {"config": config("planar").to_dict()})
+    loaded = ff.load_model(path)
+    np.testing.assert_array_equal(fwd(loaded, x)[0], fwd(model, x)[0])
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="hidden=-1"):
+        ff.FractalCell(C, hidden=-1, key=jr.PRNGKey(0))
+    with pytest.raises(ValueError, match="Unknown activation 'relu'"):
+        ff.FractalCell(C, hidden=4, hidden_activation="relu", key=jr.PRNGKey(0))
+    with pytest.raises(ValueError, match="not available with scales=2"):
+        ff.make_model("tiny", scales=2, hidden=8, key=jr.PRNGKey(0))
