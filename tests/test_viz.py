@@ -12,6 +12,7 @@ from PIL import Image
 
 import fractal_field as ff
 from fractal_field import viz
+from fractal_field.viz._plots import default_columns
 from fractal_field.viz._solve import default_solvers
 
 C, H = 2, 8
@@ -173,12 +174,8 @@ def test_plot_training(tmp_path):
         viz.plot_training(tmp_path / "nothing")
 
 
-def _tiny_model():
-    try:
-        from fractal_field._model import make_model
-    except ImportError as e:  # the conv/activation modules may not be there yet
-        pytest.skip(f"model not importable: {e}")
-    return make_model("tiny", key=jr.PRNGKey(0))
+def _tiny_model(**kwargs):
+    return ff.make_model("tiny", key=jr.PRNGKey(0), **kwargs)
 
 
 def test_model_trajectory_and_gallery(tmp_path):
@@ -193,3 +190,48 @@ def test_model_trajectory_and_gallery(tmp_path):
     assert res[-1] < res[0]
     viz.plot_fixed_point_gallery(model, x, labels=[0, 1, 2], path=tmp_path / "gallery.png")
     assert min(_png_size(tmp_path / "gallery.png")) > 100
+
+
+def test_multiscale_trajectory_figures_frames_and_gallery(tmp_path):
+    """A multi-scale model's solve is recorded per scale (a tuple of stacks, finest first) and
+    every figure and animation takes it, with `scales` choosing the fields shown."""
+    model = _tiny_model(scales=2, channels=3)
+    x = jr.normal(jr.PRNGKey(1), (2, 1, 8, 8))
+    traj, res, sol = viz.model_trajectory(model, x[0], solver=ff.Naive(), max_steps=20)
+    assert isinstance(traj, tuple) and [t.shape[1:] for t in traj] == [(3, 8, 8), (3, 4, 4)]
+    assert len(traj[0]) == len(traj[1]) == int(sol.stats.num_steps) + 1 == len(res)
+    pairs = zip(sol.value, traj, strict=True)
+    gap = np.sqrt(sum(np.sum(np.abs(np.asarray(v) - t[-1]) ** 2) for v, t in pairs))
+    np.testing.assert_allclose(gap, float(sol.stats.residual), rtol=1e-3)
+    # A magnitude and a phase row per (scale, channel), plus a colour-bar host and a wheel.
+    ncol = len(default_columns(len(res)))
+    fig = viz.plot_evolution(traj, residuals=res, path=tmp_path / "evo.png")
+    assert len(fig.axes) == 2 * (2 * ncol + 2)
+    assert [a.get_ylabel() for a in fig.axes if a.get_ylabel()][:2] == [
+        "s0 ch 0: |z|",
+        "s0 ch 0: phase",
+    ]
+    fig = viz.plot_evolution(traj, channels=(0, 2), scales=(1,))
+    assert len(fig.axes) == 2 * (2 * ncol + 2)
+    assert "s1 ch 2: phase" in [a.get_ylabel() for a in fig.axes]
+    # Frames tile the scales side by side at one height: the coarse 4x4 field drawn as large.
+    full = viz.field_frames(traj, upscale=4, caption=False)
+    fine = viz.field_frames(traj, scales=(0,), upscale=4, caption=False)
+    coarse = viz.field_frames(traj, scales=(1,), upscale=4, caption=False)
+    # `upscale` applies to the first scale shown: 8x8 -> 32x32, or 4x4 -> 16x16 alone.
+    assert fine[0].shape == (32, 32, 3) and coarse[0].shape == (16, 16, 3)
+    assert full[0].shape == (32, 32 + 2 + 32, 3)
+    np.testing.assert_array_equal(full[-1][:, :32], fine[-1])
+    np.testing.assert_array_equal(full[-1][:, 34:], coarse[-1].repeat(2, 0).repeat(2, 1))
+    # Each coarse pixel is a 4x4 block of its tile.
+    np.testing.assert_array_equal(coarse[-1][::4, ::4].repeat(4, 0).repeat(4, 1), coarse[-1])
+    out = viz.animate_field(traj, tmp_path / "ms.gif", scales=(0, 1))
+    with Image.open(out) as im:
+        assert im.n_frames == len(res)
+    fig = viz.plot_fixed_point_gallery(model, x, path=tmp_path / "gallery.png")
+    # The inputs, two rows per scale, a colour-bar host and a wheel per scale, one blank.
+    assert len(fig.axes) == (1 + 2 * 2) * len(x) + 2 * 2 + 1
+    with pytest.raises(ValueError, match="has 2 scale"):
+        viz.plot_evolution(traj, scales=(2,))
+    with pytest.raises(ValueError, match="channel=3: scale 0 has 3 channels"):
+        viz.field_frames(traj, channel=3)

@@ -11,13 +11,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ._colour import domain_colouring, magnitude_scale
-from ._common import as_field_stack, fmt
+from ._common import fmt, scale_stacks
 
 
 def field_frames(
     trajectory,
     channel: int | Sequence[int] = 0,
     *,
+    scales: Sequence[int] | None = None,
     scale: float | None = None,
     upscale: int | None = None,
     residuals=None,
@@ -26,24 +27,29 @@ def field_frames(
 ) -> list[np.ndarray]:
     """The domain-coloured frames of `trajectory` as `uint8 (height, width, 3)` arrays.
 
-    Several channels are tiled left to right. The brightness scale is fixed over all
-    frames (default: `magnitude_scale` of the last record), so growth is visible. Each
-    field pixel becomes an `upscale x upscale` block (default: about 160 pixels high). A
-    caption strip shows the step (and residual, if `residuals` is given).
+    Several channels are tiled left to right; for a multi-scale trajectory (a tuple of
+    stacks, finest first) so are the chosen `scales` (default all), each drawn at the height
+    of the first one. The brightness scale is fixed over all frames (default: `magnitude_scale`
+    of the last record, per scale), so growth is visible. Each field pixel of the first scale
+    becomes an `upscale x upscale` block (default: about 160 pixels high). A caption strip
+    shows the step (and residual, if `residuals` is given).
     """
-    traj = as_field_stack(trajectory)
+    stacks = scale_stacks(trajectory, scales)
     chans = [channel] if isinstance(channel, int) else list(channel)
-    if scale is None:
-        scale = magnitude_scale(traj[-1, chans])
-    h = traj.shape[-2]
-    up = upscale or max(1, int(np.ceil(160 / h)))
+    for s, traj in stacks:
+        if max(chans) >= traj.shape[1] or min(chans) < 0:
+            raise ValueError(f"channel={channel}: scale {s} has {traj.shape[1]} channels.")
+    h0 = stacks[0][1].shape[-2]
+    up = upscale or max(1, int(np.ceil(160 / h0)))
+    height = h0 * up
+    bright = [magnitude_scale(t[-1, chans]) if scale is None else scale for _, t in stacks]
     frames = []
-    for i, z in enumerate(traj):
+    for i in range(len(stacks[0][1])):
         tiles = []
-        for c in chans:
-            rgb = domain_colouring(z[c], scale=scale)
-            tiles.append(np.repeat(np.repeat(rgb, up, 0), up, 1))
-            tiles.append(np.ones((tiles[-1].shape[0], max(2, up // 2), 3)))
+        for (_, traj), b in zip(stacks, bright, strict=True):
+            for c in chans:
+                tiles.append(_resize(domain_colouring(traj[i, c], scale=b), height))
+                tiles.append(np.ones((height, max(2, up // 2), 3)))
         img = (np.concatenate(tiles[:-1], 1) * 255).round().astype(np.uint8)
         if caption:
             strip = Image.new("RGB", (img.shape[1], 16), "white")
@@ -56,12 +62,20 @@ def field_frames(
     return frames
 
 
+def _resize(rgb: np.ndarray, height: int) -> np.ndarray:
+    """Nearest-neighbour resize of an `(h, w, 3)` image to `height` rows (aspect kept)."""
+    h, w = rgb.shape[:2]
+    width = max(1, int(round(w * height / h)))
+    return rgb[(np.arange(height) * h) // height][:, (np.arange(width) * w) // width]
+
+
 def animate_field(
     trajectory,
     path: str | os.PathLike,
     channel: int | Sequence[int] = 0,
     fps: float = 8,
     *,
+    scales: Sequence[int] | None = None,
     scale: float | None = None,
     upscale: int | None = None,
     residuals=None,
@@ -75,8 +89,9 @@ def animate_field(
     - `.mp4`: with matplotlib's `FFMpegWriter`; needs `ffmpeg` on `PATH` (a clear error
       otherwise).
 
-    Frames are `field_frames(trajectory, channel, scale=..., upscale=..., residuals=...,
-    every=...)`: the domain colouring of the chosen channel(s) at each record.
+    Frames are `field_frames(trajectory, channel, scales=..., scale=..., upscale=...,
+    residuals=..., every=...)`: the domain colouring of the chosen channel(s) (and scales,
+    for a multi-scale field) at each record.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -90,7 +105,13 @@ def animate_field(
     if fps <= 0:
         raise ValueError(f"animate_field(fps={fps}) must be positive.")
     frames = field_frames(
-        trajectory, channel, scale=scale, upscale=upscale, residuals=residuals, every=every
+        trajectory,
+        channel,
+        scales=scales,
+        scale=scale,
+        upscale=upscale,
+        residuals=residuals,
+        every=every,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".gif":

@@ -35,6 +35,44 @@ def as_field_stack(trajectory) -> np.ndarray:
     return t
 
 
+def _pick_scales(items: list, scales, what: str) -> list[tuple[int, np.ndarray]]:
+    n = len(items)
+    scales = range(n) if scales is None else [int(s) for s in scales]
+    bad = [s for s in scales if not 0 <= s < n]
+    if bad or not scales:
+        raise ValueError(f"scales={list(scales)}: the {what} has {n} scale(s), 0..{n - 1}.")
+    return [(s, items[s]) for s in scales]
+
+
+def scale_stacks(trajectory, scales=None) -> list[tuple[int, np.ndarray]]:
+    """`[(scale, (T, C, h, w) stack)]` for the chosen `scales` (default all) of a trajectory: a
+    multi-scale one is a tuple of stacks, finest first (as `model_trajectory` records it); a
+    single field is scale 0."""
+    if isinstance(trajectory, tuple):
+        stacks = [as_field_stack(t) for t in trajectory]
+        if len({len(t) for t in stacks}) > 1:
+            raise ValueError(
+                f"The scales' trajectories have different lengths {[len(t) for t in stacks]}."
+            )
+    else:
+        stacks = [as_field_stack(trajectory)]
+    return _pick_scales(stacks, scales, "trajectory")
+
+
+def scale_fields(z, scales=None, *, batched: bool = False) -> list[tuple[int, np.ndarray]]:
+    """The same for one state (`(C, h, w)`, or `(N, C, h, w)` if `batched`) or a tuple of
+    them, finest first."""
+    fields = list(z) if isinstance(z, tuple) else [z]
+    ndim = 4 if batched else 3
+    out = []
+    for f in fields:
+        f = np.asarray(f)
+        if f.ndim != ndim:
+            raise ValueError(f"Expected fields with {ndim} axes; got shape {f.shape}.")
+        out.append(f)
+    return _pick_scales(out, scales, "state")
+
+
 def as_field(z) -> np.ndarray:
     """`(H, W)` or `(C, H, W)` -> numpy `(C, H, W)`."""
     z = np.asarray(z)

@@ -14,7 +14,16 @@ from matplotlib.figure import Figure
 
 from .._solution import RESULTS, Solution
 from ._colour import colour_wheel_legend, domain_colouring, magnitude_scale
-from ._common import as_field, as_field_stack, clean_axes, finish, fmt, new_figure, show_image
+from ._common import (
+    as_field,
+    clean_axes,
+    finish,
+    fmt,
+    new_figure,
+    scale_fields,
+    scale_stacks,
+    show_image,
+)
 from ._solve import compare_solvers, residual_curve, work_per_step
 
 
@@ -35,9 +44,10 @@ def default_columns(num_records: int, num_columns: int = 6) -> list[int]:
 
 def plot_evolution(
     trajectory,
-    channels: Sequence[int] = (0, 1, 2),
+    channels: Sequence[int] | None = None,
     steps: Sequence[int] | None = None,
     *,
+    scales: Sequence[int] | None = None,
     residuals=None,
     every: int = 1,
     num_columns: int = 6,
@@ -47,31 +57,41 @@ def plot_evolution(
     """The field crystallising: a grid of selected iterations of a recorded solve.
 
     - `trajectory`: `(T, channels, h, w)` complex iterates (from `record_trajectory` /
-      `model_trajectory`); record `i` is solver step `i * every`.
-    - `channels`: which channels to show; each gets a **magnitude row** (`|z|`, one colour
-      scale per channel) and a **phase row** (`domain_colouring`, one brightness scale per
-      channel, set by the last record; key in the right-hand column).
+      `model_trajectory`), or for a multi-scale field a tuple of them, finest first; record
+      `i` is solver step `i * every`.
+    - `channels`: which channels to show (default `(0, 1, 2)`, or `(0,)` per scale for a
+      multi-scale field); each gets a **magnitude row** (`|z|`, one colour scale per channel)
+      and a **phase row** (`domain_colouring`, one brightness scale per channel, set by the
+      last record; key in the right-hand column).
+    - `scales`: for a multi-scale field, which scales to show (default all), each with the
+      rows of its `channels`.
     - `steps`: solver steps to show as columns (each rounded to the nearest record); default
       about `num_columns` geometrically spaced steps ending at the last record.
     - `residuals`: the residual trace; if given, each column title shows its residual.
     """
-    traj = as_field_stack(trajectory)
-    num_records, num_channels = traj.shape[:2]
-    channels = [c for c in channels if c < num_channels] or [0]
+    stacks = scale_stacks(trajectory, scales)
+    multi = isinstance(trajectory, tuple)
+    if channels is None:
+        channels = (0,) if multi else (0, 1, 2)
+    rows = []  # (label, (T, h, w) stack of one channel)
+    for s, traj in stacks:
+        for c in [c for c in channels if c < traj.shape[1]] or [0]:
+            rows.append((f"s{s} ch {c}" if multi else f"ch {c}", traj[:, c]))
+    num_records = len(stacks[0][1])
     if steps is None:
         cols = default_columns(num_records, num_columns)
     else:
         cols = sorted({min(int(round(s / every)), num_records - 1) for s in steps})
     res = None if residuals is None else np.asarray(residuals)
-    ncol, nrow = len(cols), 2 * len(channels)
+    ncol, nrow = len(cols), 2 * len(rows)
     fig = new_figure(1.55 * ncol + 1.0, 1.5 * nrow + (0.5 if title else 0.2))
     grid = fig.add_gridspec(nrow, ncol + 1, width_ratios=[1] * ncol + [0.6])
-    for k, c in enumerate(channels):
-        shown = traj[cols, c]
+    for k, (label, traj) in enumerate(rows):
+        shown = traj[cols]
         vmax = float(np.nanmax(np.abs(shown))) or 1.0
-        scale = magnitude_scale(traj[-1, c])
+        scale = magnitude_scale(traj[-1])
         for j, i in enumerate(cols):
-            z = traj[i, c]
+            z = traj[i]
             ax_m = fig.add_subplot(grid[2 * k, j])
             im = ax_m.imshow(np.abs(z), cmap="magma", vmin=0, vmax=vmax)
             ax_p = fig.add_subplot(grid[2 * k + 1, j])
@@ -85,8 +105,8 @@ def plot_evolution(
                     head += f"\nres {fmt(res[step])}"
                 ax_m.set_title(head, fontsize=8)
             if j == 0:
-                ax_m.set_ylabel(f"ch {c}: |z|", fontsize=8)
-                ax_p.set_ylabel(f"ch {c}: phase", fontsize=8)
+                ax_m.set_ylabel(f"{label}: |z|", fontsize=8)
+                ax_p.set_ylabel(f"{label}: phase", fontsize=8)
         cax_host = fig.add_subplot(grid[2 * k, ncol])
         cax_host.set_axis_off()
         cax = cax_host.inset_axes([0.05, 0.05, 0.18, 0.9])
@@ -273,6 +293,7 @@ def plot_fixed_point_gallery(
     labels=None,
     *,
     channel: int | None = None,
+    scales: Sequence[int] | None = None,
     class_names: Sequence[str] | None = None,
     solver=None,
     max_steps: int | None = None,
@@ -286,9 +307,10 @@ def plot_fixed_point_gallery(
       prediction.
     - `channel`: the channel shown; default: the mean `|z|` over channels in the magnitude
       row, and the channel of largest mean `|z|` in the phase row.
+    - `scales`: for a multi-scale model, which scales to show (default all), finest first.
 
-    Rows: the input, the magnitude (one colour scale for all) and the domain colouring (one
-    brightness scale for all).
+    Rows: the input, then per scale the magnitude (one colour scale for all) and the domain
+    colouring (one brightness scale for all).
     """
     x = jnp.asarray(images, jnp.float32)
     if x.ndim != 4:
@@ -299,43 +321,52 @@ def plot_fixed_point_gallery(
     if max_steps is not None:
         kwargs["max_steps"] = max_steps
     logits, sol = _solve_batch(model, x, kwargs)
-    z = np.asarray(sol.value)
+    fields = scale_fields(sol.value, scales, batched=True)
+    multi = isinstance(sol.value, tuple)
     pred = np.asarray(jnp.argmax(logits, -1))
-    mags = np.abs(z)
-    if channel is None:
-        mag = mags.mean(1)
-        phase_ch = int(mags.mean((0, 2, 3)).argmax())
-        mag_label = "mean |z|"
-    else:
-        mag, phase_ch, mag_label = mags[:, channel], channel, f"ch {channel}: |z|"
-    scale = magnitude_scale(z[:, phase_ch])
-    vmax = float(mag.max()) or 1.0
-    n = len(z)
-    fig = new_figure(1.45 * n + 1.0, 4.9 + (0.3 if title else 0.0))
-    grid = fig.add_gridspec(3, n + 1, width_ratios=[1] * n + [0.7])
+    n = len(x)
+    nrow = 1 + 2 * len(fields)
+    fig = new_figure(1.45 * n + 1.0, 1.63 * nrow + (0.3 if title else 0.0))
+    grid = fig.add_gridspec(nrow, n + 1, width_ratios=[1] * n + [0.7])
+    fig.add_subplot(grid[0, n]).set_axis_off()
+    name = lambda k: class_names[k] if class_names is not None else str(k)
     for j in range(n):
         ax0 = fig.add_subplot(grid[0, j])
         show_image(ax0, x[j])
-        name = lambda k: class_names[k] if class_names is not None else str(k)
         head = f"pred {name(int(pred[j]))}"
         if labels is not None:
             head = f"label {name(int(np.asarray(labels)[j]))}\n" + head
         ax0.set_title(head, fontsize=8)
-        ax1 = fig.add_subplot(grid[1, j])
-        im = ax1.imshow(mag[j], cmap="magma", vmin=0, vmax=vmax)
-        ax2 = fig.add_subplot(grid[2, j])
-        ax2.imshow(domain_colouring(z[j, phase_ch], scale=scale))
-        for ax in (ax1, ax2):
-            clean_axes(ax)
         if j == 0:
             ax0.set_ylabel("input", fontsize=8)
-            ax1.set_ylabel(mag_label, fontsize=8)
-            ax2.set_ylabel(f"ch {phase_ch}: phase", fontsize=8)
-    host = fig.add_subplot(grid[1, n])
-    host.set_axis_off()
-    fig.colorbar(im, cax=host.inset_axes([0.05, 0.05, 0.18, 0.9])).ax.tick_params(labelsize=6)
-    colour_wheel_legend(fig.add_subplot(grid[2, n]), scale=scale)
-    fig.add_subplot(grid[0, n]).set_axis_off()
+    for k, (s, z) in enumerate(fields):
+        mags = np.abs(z)
+        if channel is None:
+            mag = mags.mean(1)
+            phase_ch = int(mags.mean((0, 2, 3)).argmax())
+            mag_label = "mean |z|"
+        else:
+            if not 0 <= channel < z.shape[1]:
+                raise ValueError(f"channel={channel}: scale {s} has {z.shape[1]} channels.")
+            mag, phase_ch, mag_label = mags[:, channel], channel, f"ch {channel}: |z|"
+        prefix = f"s{s} " if multi else ""
+        scale = magnitude_scale(z[:, phase_ch])
+        vmax = float(mag.max()) or 1.0
+        r = 1 + 2 * k
+        for j in range(n):
+            ax1 = fig.add_subplot(grid[r, j])
+            im = ax1.imshow(mag[j], cmap="magma", vmin=0, vmax=vmax)
+            ax2 = fig.add_subplot(grid[r + 1, j])
+            ax2.imshow(domain_colouring(z[j, phase_ch], scale=scale))
+            for ax in (ax1, ax2):
+                clean_axes(ax)
+            if j == 0:
+                ax1.set_ylabel(prefix + mag_label, fontsize=8)
+                ax2.set_ylabel(f"{prefix}ch {phase_ch}: phase", fontsize=8)
+        host = fig.add_subplot(grid[r, n])
+        host.set_axis_off()
+        fig.colorbar(im, cax=host.inset_axes([0.05, 0.05, 0.18, 0.9])).ax.tick_params(labelsize=6)
+        colour_wheel_legend(fig.add_subplot(grid[r + 1, n]), scale=scale, label=k == 0)
     if title:
         fig.suptitle(title, fontsize=10)
     return finish(fig, path)

@@ -67,7 +67,9 @@ def model_trajectory(
 ) -> tuple[np.ndarray, np.ndarray, Solution]:
     """`record_trajectory` for a `FieldClassifier` on one image `x` `(c, H, W)` (normalised).
 
-    Records the complex field `(T, channels, h, w)` from `z0 = 0` to the fixed point.
+    Records the complex field `(T, channels, h, w)` from `z0 = 0` to the fixed point (for a
+    multi-scale model, a tuple of such stacks, finest first; every figure and animation
+    function takes either).
     `solver` and `max_steps` default to the model's own; other keyword arguments (`rtol`,
     `atol`, ...) are passed on to `ff.fixed_point`.
     """
