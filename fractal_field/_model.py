@@ -442,9 +442,15 @@ def _check_planar_solver(solver) -> None:
 
 
 def count_params(model) -> int:
-    """Real parameters: a complex weight counts as two."""
-    leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
-    return int(sum(x.size * (2 if jnp.iscomplexobj(x) else 1) for x in leaves))
+    """Real parameters (a complex weight counts as two) of a model, or of its shapes from
+    `eqx.filter_eval_shape` (no weights initialised)."""
+
+    def is_param(x):
+        shaped = eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+        return shaped and jnp.issubdtype(x.dtype, jnp.inexact)
+
+    leaves = [x for x in jax.tree_util.tree_leaves(model) if is_param(x)]
+    return int(sum(math.prod(x.shape) * (2 if jnp.iscomplexobj(x) else 1) for x in leaves))
 
 
 def param_summary(model) -> str:
