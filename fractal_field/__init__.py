@@ -61,6 +61,7 @@ from ._train import (
     evaluate as evaluate,
     export_model as export_model,
     load_model as load_model,
+    run_summary as run_summary,
     train as train,
 )
 

@@ -543,3 +543,29 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Write a model-only copy of checkpoint `src` (no optimiser state) to `dst`."""
     model, meta = load_model(src, with_meta=True)
     save_checkpoint(dst, model, meta)
+
+
+def run_summary(workdir: str | os.PathLike) -> dict:
+    """What a training workdir reached: its config, real parameter count (from the config,
+    without initialising weights) and per-epoch evaluations from `eval.jsonl`."""
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json).")
+    config = json.loads(config_path.read_text())
+    shapes = eqx.filter_eval_shape(
+        build_model, ml_collections.ConfigDict(config), key=jr.PRNGKey(0)
+    )
+    eval_path = workdir / "eval.jsonl"
+    lines = eval_path.read_text().splitlines() if eval_path.exists() else []
+    epochs = [json.loads(line) for line in lines if line.strip()]
+    keep = ("epoch", "step", "accuracy", "mean_steps", "mean_residual", "failed", "n")
+    return dict(
+        workdir=str(workdir),
+        config=config,
+        params=count_params(shapes),
+        epochs=[
+            {k: e[k] for k in keep if k in e} | {"epoch_time_s": round(e["epoch_time"], 1)}
+            for e in epochs
+        ],
+    )

@@ -352,3 +352,24 @@ def test_config_models_stay_within_their_parameter_budget(spec, budget):
     n = ff.count_params(shapes)
     assert n == ff.count_params(build_model(config, key=jax.random.PRNGKey(0)))
     assert 0.5 * budget < n < budget
+
+
+def test_sweep_trains_runs_side_by_side_and_summarises(tmp_path):
+    """`scripts/sweep.py`: each run trains in its own process with its own overrides plus the
+    shared ones; the summary holds each run's evaluations and parameter count."""
+    sweep = ROOT / "scripts" / "sweep.py"
+    bad = subprocess.run(
+        [sys.executable, sweep, "--workdir", tmp_path, "oops"], capture_output=True
+    )
+    assert bad.returncode != 0 and b"expected NAME=CONFIG" in bad.stderr
+    cmd = [sys.executable, sweep, "--workdir", tmp_path / "sw", "--time-limit", "600"]
+    cmd += ["small=configs/mnist_nano.py:smoke model.channels=2", "--all", "epochs=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "sw" / "summary.json").read_text())
+    run = summary["small"]
+    assert run["config"]["epochs"] == 1 and run["config"]["model"]["channels"] == 2
+    assert len(run["epochs"]) == 1 and 0 <= run["epochs"][0]["accuracy"] <= 1
+    model = ff.load_model(tmp_path / "sw" / "small")
+    assert run["params"] == ff.count_params(model)
+    assert "small (" in proc.stdout and (tmp_path / "sw" / "small.log").exists()
