@@ -1,12 +1,15 @@
-"""Single-scale against multi-scale fields in the CIFAR-10 training step.
+"""Single-scale against multi-scale and expanded fields in the CIFAR-10 training step.
 
 One full training step (planar batch solve, implicit gradients, AdamW update) of
-`configs/cifar10_small.py` at batch 128 on real images, for the config's single-scale field
-and for multi-scale fields (`model.scales`, `model.channels`). The variants alternate over
+`configs/cifar10_small.py` at batch 128 on real images, for the config's single-scale field,
+multi-scale fields (`model.scales`, `model.channels`) and the expanded cell (`model.hidden`;
+`--variants` picks some). The variants alternate over
 `--rounds` rounds of `--repeats` steps each (after a warm-up), so machine noise hits all alike;
 the table gives parameters, medians over all steps and the ratio to the single-scale field.
 
     python benchmarks/multiscale.py   # writes benchmarks/results/multiscale.json
+    python benchmarks/multiscale.py --variants "single 64" "expanded 32x96" \
+        --out benchmarks/results/expanded.json
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ VARIANTS = {
     "single 64": [],
     "2 scales x 48": ["model.scales=2", "model.channels=48"],
     "3 scales x 40": ["model.scales=3", "model.channels=40"],
+    "expanded 32x96": ["model.channels=32", "model.hidden=96", "model.hidden_activation=crelu"],
 }
 
 
@@ -45,11 +49,17 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME"
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "multiscale.json"))
     args = parser.parse_args(argv)
 
     runs, params = {}, {}
-    for name, overrides in VARIANTS.items():
+    if "single 64" not in args.variants:
+        parser.error("--variants must include 'single 64' (the baseline of the ratios).")
+    for name in args.variants:
+        overrides = VARIANTS[name]
         runs[name] = _case(CONFIG, args.adjoint, "planar", args.data_dir, overrides)
         config = ff.load_config(CONFIG, overrides)
         params[name] = ff.count_params(build_model(config, key=jr.PRNGKey(0)))
