@@ -36,3 +36,22 @@ def np_modrelu(z, b):
 
 def np_crelu(z):
     return np.maximum(z.real, 0) + 1j * np.maximum(z.imag, 0)
+
+
+def solve_cell(cell, injection, grid, adjoint):
+    """The cell's fixed point on a `grid x grid` torus, differentiated with `adjoint`: Anderson
+    for `ff.ImplicitAdjoint`, a plain naive unroll otherwise (the reference), both to 1e-13."""
+    import fractal_field as ff
+
+    op = cell.operator(grid, grid)
+    implicit = isinstance(adjoint, ff.ImplicitAdjoint)
+    return ff.fixed_point(
+        lambda z, u: cell.step_with(op, z, u),
+        cell.init_state(injection),
+        injection,
+        solver=ff.Anderson() if implicit else ff.Naive(),
+        adjoint=adjoint,
+        max_steps=200,
+        rtol=1e-13,
+        atol=0.0,
+    )

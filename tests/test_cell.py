@@ -9,7 +9,7 @@ import jax.random as jr
 import ml_collections
 import numpy as np
 import pytest
-from _reference import np_conv_norm, np_correlate, np_crelu, np_modrelu
+from _reference import np_conv_norm, np_correlate, np_crelu, np_modrelu, solve_cell
 
 import fractal_field as ff
 from fractal_field._checkpoint import save_checkpoint
@@ -126,18 +126,7 @@ def test_fixed_point_gradient_matches_unrolled_reference():
         params, static = eqx.partition(cell, eqx.is_inexact_array)
 
         def loss(p, adjoint):
-            c = eqx.combine(p, static)
-            op = c.operator(GRID, GRID)
-            sol = ff.fixed_point(
-                lambda z, u: c.step_with(op, z, u),
-                c.init_state(inj),
-                inj,
-                solver=ff.Anderson() if isinstance(adjoint, ff.ImplicitAdjoint) else ff.Naive(),
-                adjoint=adjoint,
-                max_steps=200,
-                rtol=1e-13,
-                atol=0.0,
-            )
+            sol = solve_cell(eqx.combine(p, static), inj, GRID, adjoint)
             return jnp.sum(jnp.abs(sol.value) ** 2 * jnp.arange(1, C + 1)[:, None, None])
 
         grad = eqx.filter_jit(jax.grad(loss))

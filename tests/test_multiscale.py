@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from _reference import np_conv_norm, np_correlate, np_modrelu
+from _reference import np_conv_norm, np_correlate, np_modrelu, solve_cell
 
 import fractal_field as ff
 
@@ -209,18 +209,7 @@ def test_gradient_of_fixed_point_matches_unrolled_reference():
         params, static = eqx.partition(cell, eqx.is_inexact_array)
 
         def loss(p, adjoint):
-            c = eqx.combine(p, static)
-            op = c.operator(8, 8)
-            sol = ff.fixed_point(
-                lambda z, u: c.step_with(op, z, u),
-                c.init_state(inj),
-                inj,
-                solver=ff.Anderson() if isinstance(adjoint, ff.ImplicitAdjoint) else ff.Naive(),
-                adjoint=adjoint,
-                max_steps=200,
-                rtol=1e-13,
-                atol=0.0,
-            )
+            sol = solve_cell(eqx.combine(p, static), inj, 8, adjoint)
             return sum(jnp.sum(jnp.abs(z) ** 2 * (s + 1)) for s, z in enumerate(sol.value))
 
         grad = eqx.filter_jit(jax.grad(loss))
