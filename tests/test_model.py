@@ -30,6 +30,9 @@ def test_preset_parameter_counts(preset, limit, lower):
     w = model.cell.conv.conv.weight
     assert jnp.iscomplexobj(w)
     assert f"{n:,}" in ff.param_summary(model)
+    # The same count from shapes alone (no weights initialised).
+    shapes = eqx.filter_eval_shape(ff.make_model, preset, key=jr.PRNGKey(0))
+    assert ff.count_params(shapes) == n
 
 
 @pytest.mark.parametrize("activation", ["modrelu", "crelu", "phase_tanh"])
