@@ -55,3 +55,28 @@ def solve_cell(cell, injection, grid, adjoint):
         rtol=1e-13,
         atol=0.0,
     )
+
+
+def to_float64(tree):
+    """`tree` with every inexact array in double precision (complex128 / float64)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    def cast(x):
+        if not eqx.is_inexact_array(x):
+            return x
+        return x.astype(jnp.complex128 if jnp.iscomplexobj(x) else jnp.float64)
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def random_field(key, shape, dtype=None):
+    """A standard complex normal field of `shape` (complex64 unless `dtype` says)."""
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    dtype = jnp.complex64 if dtype is None else dtype
+    kr, ki = jr.split(key)
+    real = jnp.finfo(dtype).dtype
+    return (jr.normal(kr, shape, real) + 1j * jr.normal(ki, shape, real)).astype(dtype)

@@ -9,19 +9,21 @@ import jax.random as jr
 import ml_collections
 import numpy as np
 import pytest
-from _reference import np_conv_norm, np_correlate, np_crelu, np_modrelu, solve_cell
+from _reference import (
+    np_conv_norm,
+    np_correlate,
+    np_crelu,
+    np_modrelu,
+    random_field,
+    solve_cell,
+    to_float64,
+)
 
 import fractal_field as ff
 from fractal_field._checkpoint import save_checkpoint
 from fractal_field._train import build_model
 
 C, HIDDEN, GRID = 3, 5, 8
-
-
-def _field(key, shape, dtype=jnp.complex64):
-    kr, ki = jr.split(key)
-    real = jnp.finfo(dtype).dtype
-    return (jr.normal(kr, shape, real) + 1j * jr.normal(ki, shape, real)).astype(dtype)
 
 
 @functools.cache
@@ -42,14 +44,7 @@ def _cell(hidden_activation="modrelu", gamma=0.9, dtype=jnp.complex64):
         cell = eqx.tree_at(lambda c: c.hidden_act.bias, cell, bias)
     cell = eqx.tree_at(lambda c: c.expand.conv.weight, cell, cell.expand.conv.weight * 5)
     cell = eqx.tree_at(lambda c: c.conv.conv.weight, cell, cell.conv.conv.weight * 5)
-    real = jnp.finfo(dtype).dtype
-
-    def cast(x):
-        if not eqx.is_inexact_array(x):
-            return x
-        return x.astype(dtype if jnp.iscomplexobj(x) else real)
-
-    return jax.tree_util.tree_map(cast, cell)
+    return to_float64(cell) if dtype == jnp.complex128 else cell
 
 
 def _np_step(cell, z, inj):
@@ -73,8 +68,8 @@ def _np_step(cell, z, inj):
 def test_step_matches_independent_reference(hidden_activation):
     cell = _cell(hidden_activation)
     assert cell.hidden == HIDDEN and cell.channels == C
-    z = _field(jr.PRNGKey(1), (C, GRID, GRID))
-    inj = _field(jr.PRNGKey(2), (C, GRID, GRID))
+    z = random_field(jr.PRNGKey(1), (C, GRID, GRID))
+    inj = random_field(jr.PRNGKey(2), (C, GRID, GRID))
     want = _np_step(cell, z, inj)
     step = eqx.filter_jit(lambda c, z, u: c.step_with(c.operator(GRID, GRID), z, u))
     np.testing.assert_allclose(step(cell, z, inj), want, rtol=1e-4, atol=1e-5)
@@ -96,9 +91,9 @@ def test_certified_contraction(hidden_activation):
     k_norm = float(cell.conv.lipschitz_bound(GRID, GRID))
     np.testing.assert_allclose(bound, (1 - a) + a * lip_h * e_norm * k_norm, rtol=1e-6)
     np.testing.assert_allclose([e_norm, k_norm], [1.0, 0.8], rtol=1e-4)  # both rescaled
-    inj = _field(jr.PRNGKey(3), (C, GRID, GRID))
-    za = _field(jr.PRNGKey(4), (32, C, GRID, GRID))
-    dz = _field(jr.PRNGKey(5), (32, C, GRID, GRID))
+    inj = random_field(jr.PRNGKey(3), (C, GRID, GRID))
+    za = random_field(jr.PRNGKey(4), (32, C, GRID, GRID))
+    dz = random_field(jr.PRNGKey(5), (32, C, GRID, GRID))
     dz = dz * jnp.where(jnp.arange(32) % 2, 1e-2, 1.0)[:, None, None, None]
     step = eqx.filter_jit(jax.vmap(lambda z: cell(z, inj)))
     num = jnp.linalg.norm((step(za) - step(za + dz)).reshape(32, -1), axis=1)
@@ -109,8 +104,8 @@ def test_certified_contraction(hidden_activation):
 def test_planar_step_matches_unbatched_steps():
     with jax.enable_x64(True):
         cell = _cell(dtype=jnp.complex128)
-        z = _field(jr.PRNGKey(6), (4, C, GRID, GRID), jnp.complex128)
-        inj = _field(jr.PRNGKey(7), (4, C, GRID, GRID), jnp.complex128)
+        z = random_field(jr.PRNGKey(6), (4, C, GRID, GRID), jnp.complex128)
+        inj = random_field(jr.PRNGKey(7), (4, C, GRID, GRID), jnp.complex128)
 
         @eqx.filter_jit
         def both(c, z, u):
@@ -128,7 +123,7 @@ def test_fixed_point_gradient_matches_unrolled_reference():
     differentiating a long naive unroll of the same contraction."""
     with jax.enable_x64(True):
         cell = _cell(gamma=0.5, dtype=jnp.complex128)
-        inj = _field(jr.PRNGKey(8), (C, GRID, GRID), jnp.complex128)
+        inj = random_field(jr.PRNGKey(8), (C, GRID, GRID), jnp.complex128)
         params, static = eqx.partition(cell, eqx.is_inexact_array)
 
         def loss(p, adjoint):

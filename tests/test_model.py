@@ -6,17 +6,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from _reference import to_float64
 
 import fractal_field as ff
-
-
-def _to64(tree):
-    def cast(x):
-        if not eqx.is_inexact_array(x):
-            return x
-        return x.astype(jnp.complex128 if jnp.iscomplexobj(x) else jnp.float64)
-
-    return jax.tree_util.tree_map(cast, tree)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +99,7 @@ def test_bad_image_shape_is_a_clear_error():
 
 def _tight_tiny(rtol: float, **overrides):
     """The tiny preset in float64, forward and backward solves to `rtol` (call under x64)."""
-    return _to64(
+    return to_float64(
         ff.make_model(
             "tiny",
             key=jr.PRNGKey(0),

@@ -8,23 +8,17 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from _reference import np_conv_norm, np_correlate, np_modrelu, solve_cell
+from _reference import np_conv_norm, np_correlate, np_modrelu, random_field, solve_cell, to_float64
 
 import fractal_field as ff
 
 CHANNELS = (2, 3, 4)
 
 
-def _field(key, shape, dtype=jnp.complex64):
-    kr, ki = jr.split(key)
-    real = jnp.finfo(dtype).dtype
-    return (jr.normal(kr, shape, real) + 1j * jr.normal(ki, shape, real)).astype(dtype)
-
-
 def _fields(key, channels, h, w, dtype=jnp.complex64, batch=()):
     keys = jr.split(key, len(channels))
     return tuple(
-        _field(k, (*batch, c, h >> s, w >> s), dtype)
+        random_field(k, (*batch, c, h >> s, w >> s), dtype)
         for s, (k, c) in enumerate(zip(keys, channels, strict=True))
     )
 
@@ -33,15 +27,6 @@ def _fields(key, channels, h, w, dtype=jnp.complex64, batch=()):
 def _cell(channels=CHANNELS, grid=8, **kwargs):
     """A cell (immutable, so built once per set of arguments: initialisation compiles)."""
     return ff.MultiScaleCell(channels, norm_grid=(grid, grid), key=jr.PRNGKey(0), **kwargs)
-
-
-def _to128(cell):
-    def cast(x):
-        if not eqx.is_inexact_array(x):
-            return x
-        return x.astype(jnp.complex128 if jnp.iscomplexobj(x) else jnp.float64)
-
-    return jax.tree_util.tree_map(cast, cell)
 
 
 # An independent NumPy implementation (`_reference.py`): wrap-around correlation tap by tap,
@@ -95,7 +80,7 @@ def test_step_matches_independent_reference(channels):
     )
     cell = eqx.tree_at(lambda c: c.acts, cell, acts)
     zs = _fields(jr.PRNGKey(1), channels, 8, 8)
-    inj = _field(jr.PRNGKey(2), (channels[0], 8, 8))
+    inj = random_field(jr.PRNGKey(2), (channels[0], 8, 8))
     out, scale = eqx.filter_jit(lambda c, z, u: (c(z, u), c.scale()))(cell, zs, inj)
     want = _np_step(cell, zs, inj)
     assert float(scale) < 1  # the rescaling is active at this initialisation
@@ -111,7 +96,7 @@ def test_certified_contraction_in_the_scale_weighted_norm(activation):
     bound = float(eqx.filter_jit(lambda c: c.lipschitz_bound(8, 8))(cell))
     a = cell.alpha()
     assert bound <= (1 - a) + a * ff.LIPSCHITZ[activation] * 0.8 + 1e-5
-    inj = _field(jr.PRNGKey(3), (CHANNELS[0], 8, 8))
+    inj = random_field(jr.PRNGKey(3), (CHANNELS[0], 8, 8))
 
     def norm(zs):
         return float(jnp.sqrt(sum(jnp.mean(jnp.abs(z) ** 2) for z in zs)))
@@ -136,8 +121,8 @@ def test_certified_contraction_in_the_scale_weighted_norm(activation):
 
 def test_fixed_point_is_unique_and_solvers_agree():
     with jax.enable_x64(True):
-        cell = _to128(_cell((2, 3), gamma=0.5))
-        inj = _field(jr.PRNGKey(4), (2, 8, 8), jnp.complex128)
+        cell = to_float64(_cell((2, 3), gamma=0.5))
+        inj = random_field(jr.PRNGKey(4), (2, 8, 8), jnp.complex128)
 
         def fn(z, u):
             return cell.step_with(cell.operator(8, 8), z, u)
@@ -163,7 +148,7 @@ def test_translation_equivariance(shift):
     that over `2^s`) shifts the update the same way."""
     cell = _cell(grid=16)
     zs = _fields(jr.PRNGKey(6), CHANNELS, 16, 16)
-    inj = _field(jr.PRNGKey(7), (CHANNELS[0], 16, 16))
+    inj = random_field(jr.PRNGKey(7), (CHANNELS[0], 16, 16))
 
     def roll(zs):
         return tuple(
@@ -204,8 +189,8 @@ def test_gradient_of_fixed_point_matches_unrolled_reference():
     """Implicit gradients through a multi-scale solve against differentiating a long naive
     unroll of the same (contractive) map."""
     with jax.enable_x64(True):
-        cell = _to128(_cell((2, 3), gamma=0.5))
-        inj = _field(jr.PRNGKey(10), (2, 8, 8), jnp.complex128)
+        cell = to_float64(_cell((2, 3), gamma=0.5))
+        inj = random_field(jr.PRNGKey(10), (2, 8, 8), jnp.complex128)
         params, static = eqx.partition(cell, eqx.is_inexact_array)
 
         def loss(p, adjoint):
