@@ -69,6 +69,19 @@ def _case(config_path: str, adjoint: str, layout: str, data_dir, overrides=()):
     return run
 
 
+def write_results(path: str | Path, **fields) -> None:
+    """Write `fields` to `path` as JSON, after the device and library versions."""
+    out = dict(
+        device=str(jax.devices()[0].device_kind),
+        platform=platform.platform(),
+        jax=jax.__version__,
+        equinox=eqx.__version__,
+        **fields,
+    )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="mnist_nano,cifar10_small")
@@ -110,16 +123,12 @@ def main(argv=None):
                 f"planar {row['planar_ms']:8.1f} ms  {row['speedup']:.2f}x",
                 flush=True,
             )
-    out = dict(
-        device=str(jax.devices()[0].device_kind),
-        platform=platform.platform(),
-        jax=jax.__version__,
+    write_results(
+        args.out,
         note="training step at the config's batch size on its first training batch, "
         "freshly initialised parameters; medians of rounds x repeats, layouts interleaved",
         rows=rows,
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
     print("\n| config | adjoint | per-sample ms | planar ms | speed-up |\n|---|---|---:|---:|---:|")
     for r in rows:
         print(

@@ -15,21 +15,17 @@ the table gives parameters, medians over all steps and the ratio to the single-s
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 from pathlib import Path
 
-import equinox as eqx
-import jax
 import jax.random as jr
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from batch_solve import ADJOINTS, _case  # noqa: E402
+from batch_solve import ADJOINTS, _case, write_results  # noqa: E402
 
 import fractal_field as ff  # noqa: E402
 from fractal_field._train import build_model  # noqa: E402
@@ -88,18 +84,13 @@ def main(argv=None):
                 bwd_steps=float(metrics[name]["bwd_steps"]),
             )
         )
-    out = dict(
-        device=str(jax.devices()[0].device_kind),
-        platform=platform.platform(),
-        jax=jax.__version__,
-        equinox=eqx.__version__,
+    write_results(
+        args.out,
         adjoint=args.adjoint,
         note="training step at batch 128 on the first training batch, freshly initialised "
         "parameters, planar batch solve; medians of rounds x repeats, variants interleaved",
         rows=rows,
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
     print("\n| field | params | step ms | vs single | fwd steps | bwd steps |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
