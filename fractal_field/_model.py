@@ -144,14 +144,18 @@ def _pool_matrix(n: int, g: int) -> np.ndarray:
 
 
 class Readout(eqx.Module):
-    """`|z|` (plus `Re`/`Im` of the unit phase if `phase_features`) -> average pooling to a
-    `grid x grid` layout (1 = global pooling) -> linear -> logits.
+    """`|z|` (plus `|z| cos(arg z)`, `|z| sin(arg z)` if `phase_features`) -> optional head ->
+    average pooling to a `grid x grid` layout (1 = global pooling) -> linear -> logits.
+
+    `hidden > 0` adds a nonlinear head at every site before pooling: a real 1x1 convolution
+    from the site's features to `hidden` maps and a ReLU (one head per scale).
 
     For a multi-scale state (`channels` a tuple, the fields finest first), scale `s` is pooled
     to `max(1, grid // 2^s)` bins a side and the features of all scales are concatenated.
     """
 
     linear: eqx.nn.Linear
+    heads: tuple[eqx.nn.Linear, ...] | None
     grid: int = eqx.field(static=True)
     phase_features: bool = eqx.field(static=True)
     channels: tuple[int, ...] = eqx.field(static=True)
@@ -163,13 +167,27 @@ class Readout(eqx.Module):
         *,
         grid: int = 1,
         phase_features=False,
+        hidden: int = 0,
         key,
     ):
+        if hidden < 0:
+            raise ValueError(f"Readout(hidden={hidden}) must be >= 0 (0: no head).")
         self.channels = (channels,) if isinstance(channels, int) else tuple(channels)
         self.grid = grid
         self.phase_features = phase_features
         per_site = 3 if phase_features else 1
-        feats = per_site * sum(c * g * g for c, g in zip(self.channels, self.grids, strict=True))
+        # Without a head, the key (so the initial weights) is that of readouts before it.
+        hkeys = jr.split(jr.fold_in(key, 1), len(self.channels))
+        self.heads = (
+            tuple(
+                eqx.nn.Linear(per_site * c, hidden, dtype=jnp.float32, key=k)
+                for c, k in zip(self.channels, hkeys, strict=True)
+            )
+            if hidden
+            else None
+        )
+        site = (hidden,) * len(self.channels) if hidden else [per_site * c for c in self.channels]
+        feats = sum(f * g * g for f, g in zip(site, self.grids, strict=True))
         self.linear = eqx.nn.Linear(feats, num_classes, dtype=jnp.float32, key=key)
 
     @property
@@ -180,16 +198,24 @@ class Readout(eqx.Module):
         zs = tuple(z) if isinstance(z, (tuple, list)) else (z,)
         if len(zs) != len(self.channels):
             raise ValueError(f"Readout expects {len(self.channels)} fields, got {len(zs)}.")
-        feats = [self._features(zi, g) for zi, g in zip(zs, self.grids, strict=True)]
+        heads = (None,) * len(zs) if self.heads is None else self.heads
+        feats = [
+            self._features(zi, g, head) for zi, g, head in zip(zs, self.grids, heads, strict=True)
+        ]
         feats = jnp.concatenate(feats)
         return self.linear(feats.astype(self.linear.weight.dtype))
 
-    def _features(self, z: Complex[Array, "c h w"], g: int) -> Float[Array, " f"]:
+    def _features(
+        self, z: Complex[Array, "c h w"], g: int, head: eqx.nn.Linear | None
+    ) -> Float[Array, " f"]:
         mag = jnp.sqrt(jnp.real(z) ** 2 + jnp.imag(z) ** 2 + 1e-12)
         feats = [mag]
         if self.phase_features:
             feats += [jnp.real(z) / (mag + 1e-6) * mag, jnp.imag(z) / (mag + 1e-6) * mag]
         f = jnp.concatenate(feats, 0)
+        if head is not None:  # a 1x1 convolution: one matrix product over the channel axis
+            f = f.astype(head.weight.dtype)
+            f = jax.nn.relu(jnp.einsum("oc,chw->ohw", head.weight, f) + head.bias[:, None, None])
         c, h, w = f.shape
         if h < g or w < g:
             raise ValueError(f"Readout pools to {g}x{g} bins; the field's grid is {h}x{w}.")
@@ -213,7 +239,8 @@ class FieldClassifier(eqx.Module):
       (`benchmarks/batch_solve.py`), the same fixed points to within the tolerance; not for
       resolution-agnostic solvers (`ff.Multigrid`).
 
-    `stem > 0` gives the encoder a hidden 3x3 ReLU convolution with that many maps.
+    `stem > 0` gives the encoder a hidden 3x3 ReLU convolution with that many maps;
+    `readout_hidden > 0` gives the readout a 1x1 ReLU head with that many maps before pooling.
 
     `hidden > 0` expands the cell's convolution to `hidden` channels and back at every step
     (`FractalCell(hidden=...)`), with `hidden_activation` between.
@@ -257,6 +284,7 @@ class FieldClassifier(eqx.Module):
         hidden_activation: str | None = None,
         readout_grid: int = 1,
         phase_features: bool = False,
+        readout_hidden: int = 0,
         impl: str = "auto",
         solver: AbstractFixedPointSolver | None = None,
         adjoint: AbstractAdjoint | None = None,
@@ -313,6 +341,7 @@ class FieldClassifier(eqx.Module):
             num_classes,
             grid=readout_grid,
             phase_features=phase_features,
+            hidden=readout_hidden,
             key=rkey,
         )
         self.solver = Anderson() if solver is None else solver

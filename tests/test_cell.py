@@ -153,8 +153,16 @@ def test_unexpanded_cell_keeps_its_initial_weights():
 
 
 def test_classifier_with_expanded_cell_agrees_across_batch_modes_and_reloads(tmp_path):
+    """(With a readout head too: both widen the model and both must survive a checkpoint.)"""
+
     def config(batch_solve):
-        model = dict(preset="tiny", hidden=8, hidden_activation="crelu", batch_solve=batch_solve)
+        model = dict(
+            preset="tiny",
+            hidden=8,
+            hidden_activation="crelu",
+            readout_hidden=6,
+            batch_solve=batch_solve,
+        )
         return ml_collections.ConfigDict(
             dict(
                 model=model,
@@ -167,6 +175,7 @@ def test_classifier_with_expanded_cell_agrees_across_batch_modes_and_reloads(tmp
 
     model = build_model(config("planar"), key=jr.PRNGKey(0))
     assert model.cell.hidden == 8 and model.cell.hidden_act_name == "crelu"
+    assert model.readout.heads[0].weight.shape == (6, 4)
     x = jr.normal(jr.PRNGKey(1), (3, 1, 8, 8))
     fwd = eqx.filter_jit(lambda m, x: m.batched(x, rtol=1e-5, max_steps=60))
     planar, sol = fwd(model, x)

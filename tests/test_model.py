@@ -155,13 +155,19 @@ def test_whole_model_gradient_matches_finite_differences(overrides):
         assert checked >= 10
 
 
-def test_readout_pooling_matches_slice_means():
+@pytest.mark.parametrize("hidden", [0, 4])
+def test_readout_matches_slice_means_reference(hidden):
     """Adaptive pooling (averaging matrices) against a direct slice-and-mean reference, on an
-    uneven grid where bins differ in size."""
-    ro = ff.Readout(3, 5, grid=3, phase_features=True, key=jr.PRNGKey(0))
+    uneven grid where bins differ in size; with `hidden`, the per-site ReLU head first."""
+    ro = ff.Readout(3, 5, grid=3, phase_features=True, hidden=hidden, key=jr.PRNGKey(0))
     z = jr.normal(jr.PRNGKey(1), (3, 7, 10), jnp.complex64)
-    mag = jnp.sqrt(jnp.abs(z) ** 2 + 1e-12)
-    f = np.asarray(jnp.concatenate([mag, jnp.real(z), jnp.imag(z)]))
+    zn = np.asarray(z)
+    mag = np.sqrt(np.abs(zn) ** 2 + 1e-12)
+    f = np.concatenate([mag, np.real(zn), np.imag(zn)])
+    if hidden:
+        w, b = np.asarray(ro.heads[0].weight), np.asarray(ro.heads[0].bias)
+        f = np.maximum(np.tensordot(w, f, axes=(1, 0)) + b[:, None, None], 0.0)
+        assert f.shape == (hidden, 7, 10)
     hb, wb = [0, 2, 5, 7], [0, 3, 7, 10]  # np.linspace(0, n, 4).round()
     ref = np.stack(
         [
@@ -172,8 +178,24 @@ def test_readout_pooling_matches_slice_means():
         ],
         -2,
     )
-    want = ro.linear(jnp.asarray(ref.reshape(-1)))
+    want = ro.linear(jnp.asarray(ref.reshape(-1), jnp.float32))
     np.testing.assert_allclose(ro(z), want, rtol=1e-5, atol=1e-5)
+
+
+def test_readout_head_keeps_headless_weights_and_shapes():
+    """`hidden=0` draws the same linear weights as a readout without the option; a multi-scale
+    state gets one head per scale; a negative size is refused."""
+    key = jr.PRNGKey(3)
+    plain, head = ff.Readout(4, 10, grid=2, key=key), ff.Readout(4, 10, grid=2, hidden=0, key=key)
+    assert head.heads is None
+    np.testing.assert_array_equal(plain.linear.weight, head.linear.weight)
+    ms = ff.Readout((4, 6), 10, grid=2, phase_features=True, hidden=5, key=key)
+    assert [h.weight.shape for h in ms.heads] == [(5, 12), (5, 18)]
+    assert ms.linear.weight.shape == (10, 5 * 4 + 5 * 1)
+    z = (jnp.ones((4, 4, 4), jnp.complex64), jnp.ones((6, 2, 2), jnp.complex64))
+    assert ms(z).shape == (10,)
+    with pytest.raises(ValueError, match="hidden=-1"):
+        ff.Readout(4, 10, hidden=-1, key=key)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"scales": 2, "channels": (4, 6)}], ids=["one", "two"])
