@@ -150,6 +150,9 @@ class Readout(eqx.Module):
     `hidden > 0` adds a nonlinear head at every site before pooling: a real 1x1 convolution
     from the site's features to `hidden` maps and a ReLU (one head per scale).
 
+    `dropout > 0` zeroes that fraction of the pooled features (scaling the rest by
+    `1 / (1 - dropout)`) when called with a `key`; without one (evaluation) it does nothing.
+
     For a multi-scale state (`channels` a tuple, the fields finest first), scale `s` is pooled
     to `max(1, grid // 2^s)` bins a side and the features of all scales are concatenated.
     """
@@ -159,6 +162,7 @@ class Readout(eqx.Module):
     grid: int = eqx.field(static=True)
     phase_features: bool = eqx.field(static=True)
     channels: tuple[int, ...] = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
 
     def __init__(
         self,
@@ -168,10 +172,14 @@ class Readout(eqx.Module):
         grid: int = 1,
         phase_features=False,
         hidden: int = 0,
+        dropout: float = 0.0,
         key,
     ):
         if hidden < 0:
             raise ValueError(f"Readout(hidden={hidden}) must be >= 0 (0: no head).")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"Readout(dropout={dropout}) must be in [0, 1).")
+        self.dropout = float(dropout)
         self.channels = (channels,) if isinstance(channels, int) else tuple(channels)
         self.grid = grid
         self.phase_features = phase_features
@@ -194,7 +202,9 @@ class Readout(eqx.Module):
     def grids(self) -> tuple[int, ...]:
         return tuple(max(1, self.grid >> s) for s in range(len(self.channels)))
 
-    def __call__(self, z: Complex[Array, "c h w"] | tuple) -> Float[Array, " classes"]:
+    def __call__(
+        self, z: Complex[Array, "c h w"] | tuple, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " classes"]:
         zs = tuple(z) if isinstance(z, (tuple, list)) else (z,)
         if len(zs) != len(self.channels):
             raise ValueError(f"Readout expects {len(self.channels)} fields, got {len(zs)}.")
@@ -202,8 +212,11 @@ class Readout(eqx.Module):
         feats = [
             self._features(zi, g, head) for zi, g, head in zip(zs, self.grids, heads, strict=True)
         ]
-        feats = jnp.concatenate(feats)
-        return self.linear(feats.astype(self.linear.weight.dtype))
+        feats = jnp.concatenate(feats).astype(self.linear.weight.dtype)
+        if key is not None and self.dropout > 0:
+            keep = jr.bernoulli(key, 1.0 - self.dropout, feats.shape)
+            feats = jnp.where(keep, feats / (1.0 - self.dropout), 0.0)
+        return self.linear(feats)
 
     def _features(
         self, z: Complex[Array, "c h w"], g: int, head: eqx.nn.Linear | None
@@ -240,7 +253,9 @@ class FieldClassifier(eqx.Module):
       resolution-agnostic solvers (`ff.Multigrid`).
 
     `stem > 0` gives the encoder a hidden 3x3 ReLU convolution with that many maps;
-    `readout_hidden > 0` gives the readout a 1x1 ReLU head with that many maps before pooling.
+    `readout_hidden > 0` gives the readout a 1x1 ReLU head with that many maps before pooling;
+    `dropout > 0` drops that fraction of the readout's pooled features when the model is called
+    with a `key` (training), and nothing without one.
 
     `hidden > 0` expands the cell's convolution to `hidden` channels and back at every step
     (`FractalCell(hidden=...)`), with `hidden_activation` between.
@@ -285,6 +300,7 @@ class FieldClassifier(eqx.Module):
         readout_grid: int = 1,
         phase_features: bool = False,
         readout_hidden: int = 0,
+        dropout: float = 0.0,
         impl: str = "auto",
         solver: AbstractFixedPointSolver | None = None,
         adjoint: AbstractAdjoint | None = None,
@@ -342,6 +358,7 @@ class FieldClassifier(eqx.Module):
             grid=readout_grid,
             phase_features=phase_features,
             hidden=readout_hidden,
+            dropout=dropout,
             key=rkey,
         )
         self.solver = Anderson() if solver is None else solver
@@ -389,10 +406,16 @@ class FieldClassifier(eqx.Module):
         return fixed_point(fn, z0, injection, stats_probe=stats_probe, **kwargs)
 
     def __call__(
-        self, x: Float[Array, "cin H W"], *, stats_probe=None, **fixed_point_kwargs: Any
+        self,
+        x: Float[Array, "cin H W"],
+        *,
+        key: PRNGKeyArray | None = None,
+        stats_probe=None,
+        **fixed_point_kwargs: Any,
     ) -> tuple[Float[Array, " classes"], Solution]:
+        """`(logits, solution)` for one image; `key` switches on the readout's dropout."""
         sol = self.solve(x, stats_probe=stats_probe, **fixed_point_kwargs)
-        return self.readout(sol.value), sol
+        return self.readout(sol.value, key=key), sol
 
     def solve_planar(
         self, x: Float[Array, "b cin H W"], *, stats_probe=None, **fixed_point_kwargs: Any
@@ -429,16 +452,25 @@ class FieldClassifier(eqx.Module):
         return sol
 
     def batched(
-        self, x: Float[Array, "b cin H W"], *, stats_probe=None, **fixed_point_kwargs: Any
+        self,
+        x: Float[Array, "b cin H W"],
+        *,
+        key: PRNGKeyArray | None = None,
+        stats_probe=None,
+        **fixed_point_kwargs: Any,
     ) -> tuple[Float[Array, "b classes"], Solution]:
         """`(logits, solution)` for a batch `(b, c, H, W)`, solved as `batch_solve` says.
 
         The solution's `value`, `result` and `stats` have a leading batch axis either way (with
-        `"planar"`, every image carries the batch solve's result and statistics)."""
+        `"planar"`, every image carries the batch solve's result and statistics). `key` switches
+        on the readout's dropout (split into one key per image)."""
         if x.ndim != 4:
             raise ValueError(f"batched expects a batch (b, c, H, W), got shape {x.shape}.")
+        keys = None if key is None else jr.split(key, x.shape[0])
         if self.batch_solve == "per_sample":
-            return jax.vmap(lambda xi: self(xi, stats_probe=stats_probe, **fixed_point_kwargs))(x)
+            return jax.vmap(
+                lambda xi, ki: self(xi, key=ki, stats_probe=stats_probe, **fixed_point_kwargs)
+            )(x, keys)
         sol = self.solve_planar(x, stats_probe=stats_probe, **fixed_point_kwargs)
         b = x.shape[0]
         traj = sol.stats.trajectory
@@ -451,7 +483,7 @@ class FieldClassifier(eqx.Module):
             traj = jax.tree_util.tree_map(lambda t: jnp.swapaxes(t, 0, 1), traj)
             stats = dataclasses.replace(stats, trajectory=traj)
         sol = Solution(value=sol.value, result=result, stats=stats)
-        return jax.vmap(self.readout)(sol.value), sol
+        return jax.vmap(lambda v, k: self.readout(v, key=k))(sol.value, keys), sol
 
 
 def _check_multiscale_solver(solver) -> None:

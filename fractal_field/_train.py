@@ -145,8 +145,8 @@ def load_data(config, split: str) -> ArrayDataset:
 # Steps
 
 
-def _forward(model: FieldClassifier, x, probe):
-    return model.batched(x, stats_probe=probe)
+def _forward(model: FieldClassifier, x, probe, key=None):
+    return model.batched(x, key=key, stats_probe=probe)
 
 
 def _metrics(logits, labels, sol):
@@ -190,7 +190,8 @@ def make_train_step(optimizer, augment_data: bool | dict | None):
         def loss_fn(diff):
             params, probe = diff
             m = eqx.combine(params, static)
-            logits, sol = _forward(m, x, probe)
+            # Dropout's key is derived from the step's (augmentation keeps the key it had).
+            logits, sol = _forward(m, x, probe, jr.fold_in(key, 1))
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, _metrics(logits, labels, sol)
 

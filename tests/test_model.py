@@ -198,6 +198,56 @@ def test_readout_head_keeps_headless_weights_and_shapes():
         ff.Readout(4, 10, hidden=-1, key=key)
 
 
+def test_readout_dropout_scales_kept_features_and_is_off_without_key():
+    """With a key: a `p` fraction of the pooled features zeroed, the rest scaled by
+    `1 / (1 - p)`, unbiased over keys; without one: the plain readout."""
+    p, key, n = 0.25, jr.PRNGKey(4), 3 * 8 * 4
+
+    def readout(num_classes, dropout, identity=False):
+        r = ff.Readout(8, num_classes, grid=2, phase_features=True, dropout=dropout, key=key)
+        if identity:  # the linear layer passes the (dropped) features through
+            r = eqx.tree_at(
+                lambda r: (r.linear.weight, r.linear.bias), r, (jnp.eye(n), 0 * r.linear.bias)
+            )
+        return r
+
+    z = jr.normal(jr.PRNGKey(5), (8, 6, 6), jnp.complex64)
+    np.testing.assert_array_equal(readout(10, p)(z), readout(10, 0.0)(z))
+    feats = np.asarray(readout(n, 0.0, identity=True)(z))
+    assert np.all(feats != 0)
+    drop = readout(n, p, identity=True)
+    out = np.asarray(jax.vmap(lambda k: drop(z, key=k))(jr.split(jr.PRNGKey(6), 400)))
+    kept = out != 0
+    np.testing.assert_allclose(
+        out[kept], np.broadcast_to(feats / (1 - p), out.shape)[kept], rtol=1e-6
+    )
+    assert abs(1 - kept.mean() - p) < 0.01  # 38,400 draws: 4.5 standard errors
+    # Unbiased: the mean over 400 keys is within ~5 standard errors of the features.
+    np.testing.assert_allclose(out.mean(0), feats, atol=0.12 * np.abs(feats).max())
+    with pytest.raises(ValueError, match="dropout=1.0"):
+        ff.Readout(8, 10, dropout=1.0, key=key)
+
+
+@pytest.mark.parametrize("batch_solve", ["per_sample", "planar"])
+def test_classifier_dropout_only_in_training(batch_solve):
+    """`batched(x, key=...)` drops features per image; without a key the model is the same as
+    one built without dropout; a training step with dropout trains."""
+    kw = dict(batch_solve=batch_solve, key=jr.PRNGKey(0))
+    model = ff.make_model("tiny", dropout=0.5, **kw)
+    ref = ff.make_model("tiny", **kw)
+    x = jr.normal(jr.PRNGKey(1), (4, 1, 8, 8))
+    fwd = eqx.filter_jit(lambda m, x, k: m.batched(x, key=k)[0])
+    np.testing.assert_array_equal(model.batched(x)[0], ref.batched(x)[0])
+    a, b = fwd(model, x, jr.PRNGKey(2)), fwd(model, x, jr.PRNGKey(3))
+    assert not np.allclose(a, b)
+    assert not np.allclose(a, ref.batched(x)[0])
+    # Same key, same images: the same drop; two images never share a mask.
+    np.testing.assert_array_equal(a, fwd(model, x, jr.PRNGKey(2)))
+    x2 = jnp.stack([x[0], x[0]])
+    c = fwd(model, x2, jr.PRNGKey(2))
+    assert not np.allclose(c[0], c[1])
+
+
 @pytest.mark.parametrize("overrides", [{}, {"scales": 2, "channels": (4, 6)}], ids=["one", "two"])
 def test_planar_batch_solve_matches_per_sample_values_and_gradients(overrides):
     """`batch_solve="planar"` solves the batch as one problem in the planar layout: the same

@@ -56,9 +56,16 @@ def test_smoke_training_loss_falls(tmp_path):
 
 def test_cifar_smoke_planar_training_loss_falls(tmp_path):
     """The CIFAR config's path: encoder stem, batch solved in the planar layout, implicit
-    gradients."""
+    gradients; with readout dropout."""
     config = ff.load_config(
-        CIFAR_SMOKE, ["epochs=6", "data.train_size=256", "optim.lr=5e-2", "optim.warmup_epochs=0.5"]
+        CIFAR_SMOKE,
+        [
+            "epochs=6",
+            "data.train_size=256",
+            "optim.lr=5e-2",
+            "optim.warmup_epochs=0.5",
+            "model.dropout=0.1",
+        ],
     )
     assert config.model.batch_solve == "planar" and config.model.stem > 0
     summary = ff.train(config, tmp_path)
@@ -68,7 +75,7 @@ def test_cifar_smoke_planar_training_loss_falls(tmp_path):
     last = np.mean([r["loss"] for r in rows[-3:]])
     assert last < 0.7 * first, (first, last)
     assert rows[-1]["bwd_steps"] > 0  # implicit gradients: a backward solve ran
-    assert summary["model"].batch_solve == "planar"
+    assert summary["model"].batch_solve == "planar" and summary["model"].readout.dropout == 0.1
 
 
 def test_multiscale_training_checkpoints_and_reloads(tmp_path):
@@ -190,7 +197,7 @@ import jax, jax.numpy as jnp, numpy as np, equinox as eqx, jax.random as jr
 import fractal_field as ff
 from fractal_field._train import build_model, build_optimizer, make_train_step
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-config = ff.load_config(sys.argv[1])
+config = ff.load_config(sys.argv[1], sys.argv[2:])
 model = build_model(config, key=jr.PRNGKey(0))
 opt, _ = build_optimizer(config, 8)
 state = opt.init(eqx.filter(model, eqx.is_inexact_array))
@@ -214,15 +221,20 @@ print(json.dumps(dict(devices=jax.device_count(), diff=diff,
 """
 
 
-@pytest.mark.parametrize("spec", [SMOKE, CIFAR_SMOKE])
-def test_sharded_step_equals_single_device(tmp_path, spec):
+@pytest.mark.parametrize("spec, overrides", [(SMOKE, []), (CIFAR_SMOKE, ["model.dropout=0.2"])])
+def test_sharded_step_equals_single_device(tmp_path, spec, overrides):
     """MNIST's smoke config solves per sample; CIFAR's solves the batch in the planar layout
-    (batch axis last, sharded over the devices) and has an encoder stem."""
+    (batch axis last, sharded over the devices) and has an encoder stem and readout dropout
+    (the same masks on one device or four)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     script = tmp_path / "shard.py"
     script.write_text(SHARD_CODE)
     proc = subprocess.run(
-        [sys.executable, str(script), spec], env=env, cwd=ROOT, capture_output=True, text=True
+        [sys.executable, str(script), spec, *overrides],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
