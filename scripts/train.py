@@ -4,7 +4,8 @@
         [--data-dir DIR] [optim.lr=3e-3 epochs=10 ...]
 
 Resumes automatically from `WORKDIR/checkpoints/last.eqx`. The data directory comes from
-`--data-dir` or the `FRACTAL_FIELD_DATA` environment variable (see `fractal_field.data`).
+`--data-dir` or the `FRACTAL_FIELD_DATA` environment variable (see `fractal_field.data`). Set
+`JAX_COMPILATION_CACHE_DIR` to let a restart reuse the compiled steps (`benchmarks/restart.py`).
 """
 
 from __future__ import annotations
