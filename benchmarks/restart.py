@@ -12,9 +12,7 @@ step in a fresh workdir (`--stop-after-steps 1`) and exits. Prints a table; writ
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +22,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from batch_solve import write_results  # noqa: E402
 
 
 def launch(config: str, workdir: Path, cache: Path, data_dir: str | None) -> float:
@@ -73,20 +75,14 @@ def main(argv=None) -> None:
             )
         )
 
-    import jax
-
-    out = dict(
-        device=str(jax.devices()[0].device_kind),
-        platform=platform.platform(),
+    write_results(
+        args.out,
         cpu_count=os.cpu_count(),
-        jax=jax.__version__,
         note="wall seconds of one `scripts/train.py ... --stop-after-steps 1` process in a fresh "
         "workdir (start-up, data, model, compilation, one step, checkpoint); medians over rounds; "
         "each round a fresh cache, cold launch then warm launch",
         rows=rows,
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
     print(
         "\n| config | cold start s | with the cache s | saved s | ratio |\n"
         "|---|---:|---:|---:|---:|"
