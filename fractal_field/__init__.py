@@ -44,6 +44,7 @@ from ._multiscale import (
     MultiScaleCell as MultiScaleCell,
     MultiScaleOperator as MultiScaleOperator,
 )
+from ._norm import ComplexGroupNorm as ComplexGroupNorm
 from ._planar import (
     PlanarSpectralOperator as PlanarSpectralOperator,
     from_planar as from_planar,

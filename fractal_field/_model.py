@@ -258,7 +258,9 @@ class FieldClassifier(eqx.Module):
     with a `key` (training), and nothing without one.
 
     `hidden > 0` expands the cell's convolution to `hidden` channels and back at every step
-    (`FractalCell(hidden=...)`), with `hidden_activation` between.
+    (`FractalCell(hidden=...)`), with `hidden_activation` between. `norm_groups > 0`
+    group-normalises the cell's linear part (`FractalCell(norm_groups=...)`; no contraction
+    certificate).
 
     `scales > 1` makes the field multi-resolution (`ff.MultiScaleCell`): `channels` complex
     channels on each of the `grid`, `grid / 2`, ... tori (or `channels` a tuple, one count per
@@ -297,6 +299,7 @@ class FieldClassifier(eqx.Module):
         stem: int = 0,
         hidden: int = 0,
         hidden_activation: str | None = None,
+        norm_groups: int = 0,
         readout_grid: int = 1,
         phase_features: bool = False,
         readout_hidden: int = 0,
@@ -327,11 +330,12 @@ class FieldClassifier(eqx.Module):
                 )
         if len(chans) > 1:
             _check_multiscale_solver(solver)
-            if hidden:
-                raise ValueError(
-                    f"FieldClassifier(hidden={hidden}) expands a single field's cell; it is "
-                    f"not available with scales={len(chans)}."
-                )
+            for name, value in (("hidden", hidden), ("norm_groups", norm_groups)):
+                if value:
+                    raise ValueError(
+                        f"FieldClassifier({name}={value}) is an option of a single field's "
+                        f"cell; it is not available with scales={len(chans)}."
+                    )
         ekey, ckey, rkey = jr.split(key, 3)
         grid = image_size // pool
         self.encoder = Encoder(in_channels, chans[0], pool=pool, phase=phase, hidden=stem, key=ekey)
@@ -348,7 +352,11 @@ class FieldClassifier(eqx.Module):
         )
         if len(chans) == 1:
             self.cell = FractalCell(
-                chans[0], hidden=hidden, hidden_activation=hidden_activation, **cell_kwargs
+                chans[0],
+                hidden=hidden,
+                hidden_activation=hidden_activation,
+                norm_groups=norm_groups,
+                **cell_kwargs,
             )
         else:
             self.cell = MultiScaleCell(chans, coupling=coupling, **cell_kwargs)

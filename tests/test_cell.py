@@ -195,5 +195,95 @@ def test_errors_name_the_problem():
         ff.FractalCell(C, hidden=-1, key=jr.PRNGKey(0))
     with pytest.raises(ValueError, match="Unknown activation 'relu'"):
         ff.FractalCell(C, hidden=4, hidden_activation="relu", key=jr.PRNGKey(0))
-    with pytest.raises(ValueError, match="not available with scales=2"):
+    with pytest.raises(ValueError, match=r"hidden=8\) is an option of a single field"):
         ff.make_model("tiny", scales=2, hidden=8, key=jr.PRNGKey(0))
+
+
+def _np_group_norm(z, groups, gain, bias, eps=1e-5):
+    """Complex group normalisation of one `(c, h, w)` field, written out group by group."""
+    z = np.asarray(z, complex)
+    out = np.empty_like(z)
+    size = z.shape[0] // groups
+    for g in range(groups):
+        block = z[g * size : (g + 1) * size]
+        centred = block - block.mean()
+        out[g * size : (g + 1) * size] = centred / np.sqrt(np.mean(np.abs(centred) ** 2) + eps)
+    return out * np.asarray(gain)[:, None, None] + np.asarray(bias)[:, None, None]
+
+
+def _group_norm(channels=6, groups=3):
+    norm = ff.ComplexGroupNorm(channels, groups)
+    gain = 0.5 + jnp.arange(channels, dtype=jnp.float32) / channels
+    bias = random_field(jr.PRNGKey(20), (channels,))
+    return eqx.tree_at(lambda n: (n.gain, n.bias), norm, (gain, bias))
+
+
+def test_group_norm_matches_reference_in_both_layouts():
+    norm = _group_norm()
+    z = 3.0 * random_field(jr.PRNGKey(21), (4, 6, 5, 7)) + (1 - 2j)
+    want = np.stack([_np_group_norm(zi, 3, norm.gain, norm.bias) for zi in z])
+    np.testing.assert_allclose(jax.vmap(norm)(z), want, rtol=1e-5, atol=1e-5)
+    planar = ff.from_planar(norm.planar(ff.to_planar(z)))
+    np.testing.assert_allclose(planar, want, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_equivariance_and_invariance():
+    """Translation-equivariant on the torus; blind to each group's own scale and offset (which
+    is what removes the contraction certificate); a group's phase passes through."""
+    norm = _group_norm()
+    z = random_field(jr.PRNGKey(22), (6, 8, 8))
+    shift = lambda f: jnp.roll(f, (3, -2), axis=(1, 2))  # noqa: E731
+    np.testing.assert_allclose(norm(shift(z)), shift(norm(z)), rtol=1e-5, atol=1e-6)
+    per_group = lambda *v: jnp.repeat(jnp.array(v), 2)[:, None, None]  # noqa: E731
+    scaled = z * per_group(2.5, 0.5, 4.0) + per_group(1 + 1j, -2.0, 0.3j)
+    np.testing.assert_allclose(norm(scaled), norm(z), rtol=1e-4, atol=1e-5)
+    phase = per_group(jnp.exp(0.7j), 1j, -1.0)
+    unbiased = eqx.tree_at(lambda n: n.bias, norm, jnp.zeros_like(norm.bias))
+    np.testing.assert_allclose(unbiased(z * phase), unbiased(z) * phase, rtol=1e-4, atol=1e-5)
+
+
+def test_normalised_cell_fixed_point_and_gradient():
+    """A group-normalised cell (no certificate): `lipschitz_bound` says so; where the iteration
+    converges, the fixed point satisfies the update (planar layout too) and the implicit
+    gradients (including the norm's gain and bias) match a differentiated naive unroll."""
+    with jax.enable_x64(True):
+        cell = ff.FractalCell(C, norm_groups=1, norm_grid=(GRID, GRID), key=jr.PRNGKey(23))
+        cell = to_float64(cell)
+        assert float(cell.lipschitz_bound(GRID, GRID)) == np.inf
+        inj = random_field(jr.PRNGKey(24), (C, GRID, GRID), jnp.complex128)
+        params, static = eqx.partition(cell, eqx.is_inexact_array)
+
+        def loss(p, adjoint):
+            sol = solve_cell(eqx.combine(p, static), inj, GRID, adjoint)
+            return jnp.sum(jnp.abs(sol.value) ** 2 * jnp.arange(1, C + 1)[:, None, None]), sol
+
+        implicit = ff.ImplicitAdjoint(rtol=1e-13, atol=0.0, max_steps=200)
+        grad = eqx.filter_jit(jax.grad(loss, has_aux=True))
+        g_imp, sol = grad(params, implicit)
+        g_unr, _ = grad(params, ff.UnrolledAdjoint())
+        assert int(sol.result._value) == int(ff.RESULTS.successful._value)
+        z = sol.value
+        step = cell.step_with(cell.operator(GRID, GRID), z, inj)
+        np.testing.assert_allclose(step, z, rtol=1e-10, atol=1e-11)
+        planar = cell.planar_step(
+            cell.planar_operator(GRID, GRID), ff.to_planar(z[None]), ff.to_planar(inj[None])
+        )
+        np.testing.assert_allclose(ff.from_planar(planar)[0], z, rtol=1e-10, atol=1e-11)
+        leaves = jax.tree_util.tree_leaves(g_imp)
+        assert len(leaves) == 4  # the convolution, the modReLU bias, the norm's gain and bias
+        for a, b in zip(leaves, jax.tree_util.tree_leaves(g_unr), strict=True):
+            assert float(jnp.max(jnp.abs(b))) > 0
+            np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_norm_errors_name_the_problem():
+    with pytest.raises(ValueError, match="groups must be a positive divisor"):
+        ff.ComplexGroupNorm(6, 4)
+    with pytest.raises(ValueError, match="norm_groups=-1"):
+        ff.FractalCell(C, norm_groups=-1, key=jr.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"norm_groups=2\) is an option of a single field"):
+        ff.make_model("tiny", scales=2, norm_groups=2, key=jr.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"expects a field \(6, h, w\)"):
+        _group_norm()(jnp.zeros((4, 5, 5), jnp.complex64))
+    with pytest.raises(ValueError, match=r"planar fields \(2, h, w, 6, b\)"):
+        _group_norm().planar(jnp.zeros((2, 5, 5, 4, 1)))
