@@ -18,6 +18,7 @@ from jaxtyping import Array, Complex, Float, PRNGKeyArray
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._cell import FractalCell
 from ._fixed_point import fixed_point
+from ._jacobian import jacobian_penalty
 from ._multiscale import MultiScaleCell
 from ._planar import from_planar, to_planar
 from ._solution import Solution
@@ -492,6 +493,45 @@ class FieldClassifier(eqx.Module):
             stats = dataclasses.replace(stats, trajectory=traj)
         sol = Solution(value=sol.value, result=result, stats=stats)
         return jax.vmap(lambda v, k: self.readout(v, key=k))(sol.value, keys), sol
+
+    def jacobian_penalty(
+        self,
+        x: Float[Array, "b cin H W"],
+        value,
+        *,
+        key: PRNGKeyArray,
+        probes: int = 1,
+    ) -> Float[Array, ""]:
+        """`ff.jacobian_penalty` of the cell's update without its relaxation,
+        `act(K z + injection)`, at a batch's fixed points `value` (`batched(x)[1].value`;
+        gradients stopped there), averaged over the batch. A training loss term that keeps the
+        solves short (Bai et al. 2021), useful for cells without a certificate (`norm_groups`).
+        """
+        value = jax.lax.stop_gradient(value)
+        cell = self.cell
+        a = cell.alpha()
+
+        def unrelaxed(step):
+            def f(z, inj):
+                return jax.tree_util.tree_map(lambda s, zi: (s - (1 - a) * zi) / a, step(z, inj), z)
+
+            return f
+
+        if self.batch_solve == "planar":
+            injection = to_planar(self.encoder.batched(x))
+            _, h, w, _, _ = injection.shape
+            op = cell.planar_operator(h, w)
+            z = jax.tree_util.tree_map(to_planar, value)
+            fn = unrelaxed(lambda p, inj: cell.planar_step(op, p, inj))
+            return jacobian_penalty(fn, z, injection, key=key, probes=probes)
+        injection = jax.vmap(self.encoder)(x)
+        op = cell.operator(*injection.shape[-2:])
+        fn = unrelaxed(lambda z, inj: cell.step_with(op, z, inj))
+        keys = jr.split(key, x.shape[0])
+        per_image = jax.vmap(lambda z, inj, k: jacobian_penalty(fn, z, inj, key=k, probes=probes))(
+            value, injection, keys
+        )
+        return jnp.mean(per_image)
 
 
 def _check_multiscale_solver(solver) -> None:

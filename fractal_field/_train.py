@@ -174,11 +174,16 @@ def augment_options(spec) -> dict | None:
     return opts
 
 
-def make_train_step(optimizer, augment_data: bool | dict | None):
+def make_train_step(optimizer, augment_data: bool | dict | None, jacobian_penalty: float = 0.0):
     """A jitted `(key, model, opt_state, images, labels) -> (model, opt_state, metrics)`.
 
-    `augment_data`: `None`/`False` (none), `True` (crop + flip) or `augment`'s keywords."""
+    `augment_data`: `None`/`False` (none), `True` (crop + flip) or `augment`'s keywords.
+    `jacobian_penalty > 0` adds that multiple of `FieldClassifier.jacobian_penalty` (one probe)
+    to the cross-entropy; the metrics then carry it as `jac` (`loss` stays the cross-entropy).
+    """
     aug = augment_options(augment_data)
+    if jacobian_penalty < 0:
+        raise ValueError(f"jacobian_penalty={jacobian_penalty} must be >= 0.")
 
     @eqx.filter_jit(donate="all-except-first")
     def train_step(key, model, opt_state, images, labels):
@@ -193,9 +198,14 @@ def make_train_step(optimizer, augment_data: bool | dict | None):
             # Dropout's key is derived from the step's (augmentation keeps the key it had).
             logits, sol = _forward(m, x, probe, jr.fold_in(key, 1))
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, _metrics(logits, labels, sol)
+            metrics = dict(_metrics(logits, labels, sol), loss=loss)
+            if jacobian_penalty:
+                jac = m.jacobian_penalty(x, sol.value, key=jr.fold_in(key, 2))
+                metrics["jac"] = jac
+                loss = loss + jacobian_penalty * jac
+            return loss, metrics
 
-        (loss, metrics), (grads, probe_grad) = jax.value_and_grad(loss_fn, has_aux=True)(
+        (_, metrics), (grads, probe_grad) = jax.value_and_grad(loss_fn, has_aux=True)(
             (params, backward_stats_probe())
         )
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -203,7 +213,6 @@ def make_train_step(optimizer, augment_data: bool | dict | None):
         n = x.shape[0]
         metrics = dict(
             metrics,
-            loss=loss,
             bwd_steps=probe_grad[0] / n,
             bwd_residual=probe_grad[1] / n,
             bwd_failed=probe_grad[2] / n,
@@ -367,7 +376,9 @@ def train(
     data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     model, opt_state = eqx.filter_shard((model, opt_state), replicated)
-    train_step = make_train_step(optimizer, config.data.get("augment", False))
+    train_step = make_train_step(
+        optimizer, config.data.get("augment", False), config.get("jacobian_penalty", 0.0)
+    )
 
     def save(path, **extra):
         # Never replace a good checkpoint by a broken model.
@@ -414,8 +425,9 @@ def train(
                 f"{m['step_time']:.3f}s",
                 flush=True,
             )
-        if not math.isfinite(m["loss"]):
-            raise FloatingPointError(f"Loss became {m['loss']} at step {step + 1}.")
+        for name in ("loss", "jac"):
+            if not math.isfinite(m.get(name, 0.0)):
+                raise FloatingPointError(f"{name} became {m[name]} at step {step + 1}.")
 
     stopped = False
     summary: dict = {}
