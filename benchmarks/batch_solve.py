@@ -51,7 +51,7 @@ def _case(config_path: str, adjoint: str, layout: str, data_dir, overrides=()):
     model = build_model(config, key=jr.PRNGKey(0))
     optimizer, _ = build_optimizer(config, 100)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    step = make_train_step(optimizer, False)
+    step = make_train_step(optimizer, False, config.get("jacobian_penalty", 0.0))
     ds = load_data(config, "train")
     images, labels = next(ds.batches(config.batch_size, seed=0, epoch=0))
     x, y = jnp.asarray(ds.normalize(images)), jnp.asarray(labels, jnp.int32)

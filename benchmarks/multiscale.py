@@ -1,8 +1,9 @@
-"""Single-scale against multi-scale and expanded fields in the CIFAR-10 training step.
+"""Single-scale against multi-scale, expanded and normalised fields in the CIFAR-10 training step.
 
 One full training step (planar batch solve, implicit gradients, AdamW update) of
 `configs/cifar10_small.py` at batch 128 on real images, for the config's single-scale field,
-multi-scale fields (`model.scales`, `model.channels`) and the expanded cell (`model.hidden`;
+multi-scale fields (`model.scales`, `model.channels`), the expanded cell (`model.hidden`) and
+the group-normalised cell (`model.norm_groups`, with or without the Jacobian penalty;
 `--variants` picks some). The variants alternate over
 `--rounds` rounds of `--repeats` steps each (after a warm-up), so machine noise hits all alike;
 the table gives parameters, medians over all steps and the ratio to the single-scale field.
@@ -10,6 +11,8 @@ the table gives parameters, medians over all steps and the ratio to the single-s
     python benchmarks/multiscale.py   # writes benchmarks/results/multiscale.json
     python benchmarks/multiscale.py --variants "single 64" "expanded 32x96" \
         --out benchmarks/results/expanded.json
+    python benchmarks/multiscale.py --variants "single 64" "normalised 64" \
+        "normalised 64 + jac" --out benchmarks/results/normalised.json
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ VARIANTS = {
     "2 scales x 48": ["model.scales=2", "model.channels=48"],
     "3 scales x 40": ["model.scales=3", "model.channels=40"],
     "expanded 32x96": ["model.channels=32", "model.hidden=96", "model.hidden_activation=crelu"],
+    "normalised 64": ["model.norm_groups=8"],
+    "normalised 64 + jac": ["model.norm_groups=8", "jacobian_penalty=2.0"],
 }
 
 
