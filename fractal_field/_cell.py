@@ -66,10 +66,10 @@ class FractalCell(eqx.Module):
       `"phase_tanh"`.
     - `alpha`: relaxation in (0, 1); learnable (through a sigmoid) if `learn_alpha`.
     - `norm_groups > 0` normalises `K z` with `ComplexGroupNorm(channels, norm_groups)`
-      (initial gain 0.25) before
-      the injection is added (MDEQ's GroupNorm). The normalisation is not Lipschitz, so such a
-      cell has no contraction certificate (`lipschitz_bound` is `inf`); its fixed point exists
-      (the update is bounded) but need not be unique, and solvers may stop unconverged.
+      (initial gain 0.25) before the injection is added (MDEQ's GroupNorm). The normalisation
+      is not Lipschitz, so such a cell has no contraction certificate (`lipschitz_bound` is
+      `inf`); its fixed point exists (the update is bounded) but need not be unique, and
+      solvers may stop unconverged. `ff.jacobian_penalty` helps keep the solves short.
 
     Resolution-agnostic: the same weights act on any grid size, which the multigrid solver
     uses. With a 1-Lipschitz activation the cell is a contraction with constant
