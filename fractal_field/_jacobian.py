@@ -11,6 +11,8 @@ import jax.random as jr
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
+from ._misc import check_inexact
+
 
 def _to_real(x: Array) -> Array:
     return jnp.stack([jnp.real(x), jnp.imag(x)]) if jnp.iscomplexobj(x) else x
@@ -39,9 +41,8 @@ def jacobian_penalty(
     """
     if probes < 1:
         raise ValueError(f"jacobian_penalty(probes={probes}) must be >= 1.")
+    check_inexact(z, "jacobian_penalty: z")
     leaves, treedef = jtu.tree_flatten(z)
-    if not leaves or not all(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves):
-        raise TypeError("jacobian_penalty: `z` must be a pytree of float or complex arrays.")
 
     def real_fn(real_leaves):
         parts = zip(real_leaves, leaves, strict=True)

@@ -71,13 +71,13 @@ def check_same_structure(z0: PyTree, out: PyTree, what: str = "fn(z, args)") -> 
             )
 
 
-def check_inexact(z0: PyTree) -> None:
+def check_inexact(z0: PyTree, name: str = "z0") -> None:
     leaves = jtu.tree_flatten_with_path(z0)[0]
     if not leaves:
-        raise ValueError("z0 has no array leaves: nothing to solve for.")
+        raise ValueError(f"{name} has no array leaves: nothing to solve for.")
     for path, x in leaves:
         if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.inexact):
             raise TypeError(
-                f"z0{jtu.keystr(path)} must be a floating-point or complex array, got "
+                f"{name}{jtu.keystr(path)} must be a floating-point or complex array, got "
                 f"{type(x).__name__} {getattr(x, 'dtype', '')}."
             )

@@ -129,5 +129,5 @@ def test_train_step_adds_the_penalty():
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="probes=0"):
         ff.jacobian_penalty(lambda z, _: z, jnp.ones(3), key=jr.PRNGKey(0), probes=0)
-    with pytest.raises(TypeError, match="float or complex arrays"):
+    with pytest.raises(TypeError, match="z must be a floating-point or complex array"):
         ff.jacobian_penalty(lambda z, _: z, jnp.ones(3, jnp.int32), key=jr.PRNGKey(0))
