@@ -66,5 +66,4 @@ from ._train import (
     run_summary as run_summary,
     train as train,
 )
-
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
