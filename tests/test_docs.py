@@ -2,6 +2,7 @@
 name (the site itself is built by `mkdocs build --strict` in CI, not here)."""
 
 import importlib
+import importlib.util
 import re
 import types
 from pathlib import Path
@@ -73,3 +74,28 @@ def test_api_reference_targets_exist():
     for target in sorted(api_targets()):
         module, _, name = target.rpartition(".")
         assert hasattr(importlib.import_module(module), name), target
+
+
+def _visualize_script():
+    spec = importlib.util.spec_from_file_location("visualize", ROOT / "scripts" / "visualize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "cwd, path, expected",
+    [
+        ("root", "checkpoints/mnist_nano.eqx", "checkpoints/mnist_nano.eqx"),
+        ("root", "runs/a/best.eqx", "runs/a/best.eqx"),
+        ("tmp", "ckpt/best.eqx", "ckpt/best.eqx"),  # relative to the working directory
+        ("tmp", "ROOT/checkpoints/mnist_nano.eqx", "checkpoints/mnist_nano.eqx"),  # to the repo
+        ("root", "TMP/elsewhere/best.eqx", "best.eqx"),  # neither: the file name only
+    ],
+)
+def test_figure_titles_show_no_absolute_paths(tmp_path, monkeypatch, cwd, path, expected):
+    # The docs' figures come from scripts/visualize.py, whose titles name the checkpoint.
+    shown = _visualize_script().shown
+    monkeypatch.chdir(ROOT if cwd == "root" else tmp_path)
+    path = path.replace("ROOT", str(ROOT)).replace("TMP", str(tmp_path))
+    assert shown(Path(path)) == expected
