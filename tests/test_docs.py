@@ -76,6 +76,15 @@ def test_api_reference_targets_exist():
         assert hasattr(importlib.import_module(module), name), target
 
 
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+def test_python_examples_are_valid_python(page):
+    # Running the examples trains, loads checkpoints and reads data: too slow for the suite.
+    # Here they must at least parse.
+    text = (DOCS / page).read_text()
+    for i, block in enumerate(re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)):
+        compile(block, f"{page}, python block {i}", "exec")
+
+
 def _visualize_script():
     spec = importlib.util.spec_from_file_location("visualize", ROOT / "scripts" / "visualize.py")
     module = importlib.util.module_from_spec(spec)
