@@ -22,7 +22,19 @@ import numpy as np
 import fractal_field as ff
 from fractal_field import viz
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mnist_nano.eqx"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "mnist_nano.eqx"
+
+
+def shown(path: Path) -> str:
+    """`path` as figure titles show it: relative to the working directory or the repository
+    (never an absolute path of this machine), else its file name."""
+    for base in (Path.cwd(), ROOT):
+        try:
+            return str(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            pass
+    return path.name
 
 
 def load_model_or_random(checkpoint: str | Path | None, preset: str = "nano"):
@@ -34,7 +46,7 @@ def load_model_or_random(checkpoint: str | Path | None, preset: str = "nano"):
     if path.exists():
         model, meta = load_model(path, with_meta=True)
         data = meta.get("config", {}).get("data", {}).get("name", "mnist")
-        return model, data, f"trained model {path}"
+        return model, data, f"trained model {shown(path)}"
     print(
         f"WARNING: no checkpoint at {path}; using a RANDOMLY INITIALISED {preset!r} model. "
         "The figures show the solver on an untrained field, not a trained one. Pass "
