@@ -302,3 +302,54 @@ def test_training_writes_phase_flow_records(tmp_path):
     rows = [json.loads(s) for s in (tmp_path / "fractal.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2, 4]
     assert all(r["loss"] > 0 and r["grad_norm"] > 0 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _records():
+    rng = np.random.default_rng(2)
+    recs = []
+    for step in range(6):
+        layers = {
+            ".w": dict(norms=rng.random(4).tolist(), grid=[2, 2], norm=1.0 / (step + 1)),
+            ".b": dict(norms=[0.1], grid=[1, 1], norm=0.1),
+        }
+        recs.append(dict(step=step, epoch=step // 3, loss=2.0 - 0.3 * step, layers=layers))
+    return recs
+
+
+def test_plot_phase_flow(tmp_path):
+    from fractal_field import viz
+
+    recs = _records()
+    path = tmp_path / "fractal.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs[::-1] + recs[:1]) + "\n")
+    assert viz.read_phase_flow(tmp_path) == recs  # sorted by step, repeats once
+    fig = viz.plot_phase_flow(tmp_path, path=tmp_path / "phase.png")
+    ax = fig.axes[0]
+    assert ax.get_title() == ".w"  # single-segment parameters are left out by default
+    assert len(ax.texts) == len(recs) - 1  # one arrow per transition
+    np.testing.assert_allclose(
+        ax.collections[0].get_offsets()[:, 1], [1 / (s + 1) for s in range(6)]
+    )
+    np.testing.assert_array_equal(ax.collections[0].get_array(), [0, 0, 0, 1, 1, 1])
+    assert (tmp_path / "phase.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="Unknown layers"):
+        viz.plot_phase_flow(recs, layers=[".nope"])
+
+
+def test_plot_segment_graph_box_counting_and_scale_invariance(tmp_path):
+    from fractal_field import viz
+
+    feats, edges = fractal.segment_graph([np.eye(8), np.arange(32.0).reshape(4, 8)], 4)
+    fig = viz.plot_segment_graph(feats, edges, max_edges=5, path=tmp_path / "graph.png")
+    assert len(fig.axes[0].lines) == 5
+    res = fractal.box_counting_dimension(carpet(3), scales=[1, 3, 9])
+    fig = viz.plot_box_counting({"carpet": res}, path=tmp_path / "box.png")
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), np.log([512, 64, 8]))
+    rep = fractal.scale_invariance(carpet(4), r0=9, lam=3, num=3, threshold=0.0)
+    fig = viz.plot_scale_invariance({"carpet": rep}, path=tmp_path / "dsi.png")
+    assert "DSI holds" in fig.axes[0].get_legend().get_texts()[0].get_text()
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("graph.png", "box.png", "dsi.png"))
