@@ -96,6 +96,7 @@ def test_default_scales_and_partial_boxes():
     assert fractal.default_scales((243, 243)) == (1, 3, 9, 27, 81)
     assert fractal.default_scales((28, 252)) == (1, 2, 4, 8)
     assert fractal.default_scales((9, 64, 17)) == (1, 2, 4)
+    assert fractal.default_scales((9, 18)) == (1, 3)
     m = np.zeros((5, 7), bool)
     m[4, 6] = m[0, 0] = True
     # Boxes of 2 on a 5 x 7 grid: 3 x 4 boxes, the last row and column partial.

@@ -34,9 +34,9 @@ class BoxCounting:
 
 def default_scales(shape: Sequence[int]) -> tuple[int, ...]:
     """Box sizes `1, b, b^2, ...` up to half the smallest side, with `b = 3` when every side is
-    a multiple of 27 (triadic grids such as 243 = 3^5) and `b = 2` otherwise."""
+    a multiple of 9 (triadic grids such as 243 = 3^5) and `b = 2` otherwise."""
     shape = tuple(int(s) for s in shape)
-    base = 3 if all(s % 27 == 0 for s in shape) else 2
+    base = 3 if all(s % 9 == 0 for s in shape) else 2
     top = min(shape) // 2
     scales, r = [], 1
     while r <= top:
@@ -131,7 +131,7 @@ def box_counting_dimension(
       `"real"`/`"imag"` for `|Re x|`/`|Im x|`).
     - `scales`: box sizes `r` in entries, at least two distinct integers in `1..min(x.shape)`.
       Default: `1, 2, 4, ...` up to half the smallest side, or `1, 3, 9, ...` when every side
-      is a multiple of 27. A box of side `r` is a hypercube on the grid anchored at index 0;
+      is a multiple of 9. A box of side `r` is a hypercube on the grid anchored at index 0;
       when `r` does not divide a side, the last, partial box of that axis counts as a box.
     - `threshold`: which entries are occupied: a number `t >= 0` (`|x| > t`; default `0`, the
       non-zero entries), `"mean"` (`|x|` above its mean) or `Quantile(q)`.
