@@ -320,6 +320,7 @@ def main(argv=None):
         feats,
         edges,
         layer_names=names,
+        max_edges=150,
         title="Segment graph (r = 8)",
         path=out / "segment_graph.png",
     )
