@@ -74,11 +74,11 @@ def main(argv=None):
         fwd.append(f)
         probes.append(run_probe()[0])
     step_s, probe_s = float(np.median(steps)), float(np.median(probes))
+    given = sys.argv[1:] if argv is None else argv
     rec = json.loads(log.read_text().splitlines()[-1])
     out = dict(
         date=datetime.date.today().isoformat(),
-        command="python benchmarks/fractal_probe.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        command=" ".join(["python benchmarks/fractal_probe.py", *given]),
         hardware="2-core CPU"
         if jax.devices()[0].platform == "cpu"
         else jax.devices()[0].device_kind,

@@ -245,7 +245,8 @@ def main(argv=None):
     it_trained, res_trained = iteration_dimensions(model, x[pick], args.max_steps)
     it_fresh, res_fresh = iteration_dimensions(fresh, x[pick], args.max_steps)
 
-    command = "python scripts/fractal_report.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python scripts/fractal_report.py", *given])
     today = datetime.date.today().isoformat()
     report = dict(
         date=today,
