@@ -280,18 +280,23 @@ def main(argv=None):
 
     out = Path(args.figures)
     out.mkdir(parents=True, exist_ok=True)
+
+    def stamp(fig, name):
+        fig.suptitle(report["caption"], fontsize=6)
+        viz._common.finish(fig, out / name)
+
     summary_figure(report, it_trained, it_fresh, out / "summary.png")
-    viz.plot_scale_invariance(
+    fig = viz.plot_scale_invariance(
         {f"{name} {key}": weights[key][name][2] for name in weights["trained"] for key in weights},
         title="Scale invariance of the weights (mean segment D at r = 4, 8, 16)",
-        path=out / "weights_dsi.png",
     )
+    stamp(fig, "weights_dsi.png")
     cell = ".cell.conv.conv.weight"
-    viz.plot_box_counting(
+    fig = viz.plot_box_counting(
         {key: weights[key][cell][1] for key in weights if cell in weights[key]},
         title="Box counting of the cell kernel |K| > mean",
-        path=out / "weights_box.png",
     )
+    stamp(fig, "weights_box.png")
     fig = viz._common.new_figure(5.5, 3.4)
     ax = fig.subplots()
     for key in fields:
@@ -302,7 +307,7 @@ def main(argv=None):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Equilibrium fields per class", fontsize=9)
-    viz._common.finish(fig, out / "fields_classes.png")
+    stamp(fig, "fields_classes.png")
     fig = viz._common.new_figure(5.5, 3.4)
     ax = fig.subplots()
     for i, (key, dims) in enumerate((("trained", it_trained), ("initialised", it_fresh))):
@@ -312,19 +317,19 @@ def main(argv=None):
     ax.set_ylabel("D of |z_t| (mean over channels)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    viz._common.finish(fig, out / "fields_iterations.png")
+    stamp(fig, "fields_iterations.png")
     names = list(weights["trained"])
     feats, edges = fractal.segment_graph(
         [weights["trained"][n][0] for n in names], 8, gamma=1.0, s=1.0
     )
-    viz.plot_segment_graph(
+    fig = viz.plot_segment_graph(
         feats,
         edges,
         layer_names=names,
         max_edges=150,
         title="Segment graph (r = 8)",
-        path=out / "segment_graph.png",
     )
+    stamp(fig, "segment_graph.png")
 
     report["seconds"] = round(time.time() - t0, 1)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
