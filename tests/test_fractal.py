@@ -103,6 +103,8 @@ def test_default_scales_and_partial_boxes():
     assert fractal.count_boxes(m, 2) == 2
     assert fractal.count_boxes(np.ones((5, 7), bool), 2) == 12
     assert fractal.count_boxes(np.ones((5, 7), bool), 3) == 6
+    with pytest.raises(ValueError, match="r=0"):
+        fractal.count_boxes(m, 0)
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,10 @@ def _as_int(s) -> int:
 def count_boxes(mask: np.ndarray, r: int) -> int:
     """Boxes of side `r` (a grid from index 0) holding an occupied entry. Partial boxes at the
     upper ends of axes whose length `r` does not divide count like full ones."""
+    mask = np.asarray(mask, bool)
+    if isinstance(r, bool) or int(r) != r or r < 1:
+        raise ValueError(f"Box size r={r!r} must be an integer >= 1.")
+    r = int(r)
     padded = [math.ceil(n / r) * r for n in mask.shape]
     if list(mask.shape) != padded:
         m = np.zeros(padded, bool)
