@@ -33,6 +33,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.log_every = 50
     # > 0: add that multiple of the Jacobian penalty (`FieldClassifier.jacobian_penalty`).
     c.jacobian_penalty = 0.0
+    # > 0: every that many steps, log per-segment gradient norms and the loss to
+    # `fractal.jsonl` in the workdir (`ff.fractal.log_phase_flow`; a phase-flow probe).
+    c.fractal_probe_every = 0
 
     if variant == "smoke":
         c.data = dict(name="synthetic", image_size=8, train_size=256, test_size=128)

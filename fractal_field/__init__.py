@@ -1,5 +1,6 @@
 """fractal-field: deep-equilibrium fractal neural fields in JAX/Equinox."""
 
+from . import fractal as fractal
 from ._activation import (
     LIPSCHITZ as LIPSCHITZ,
     Cardioid as Cardioid,

@@ -453,6 +453,13 @@ def train(
                     x = _host_batch_to_global(np.asarray(train_ds.normalize(images)), data_sharding)
                     y = _host_batch_to_global(labels, data_sharding)
                     step_key = jr.fold_in(aug_key, state["step"])
+                    # Phase-flow probe (`ff.fractal.log_phase_flow`), before the step donates x, y.
+                    every = config.get("fractal_probe_every", 0)
+                    if every and state["step"] % every == 0:
+                        from .fractal import log_phase_flow
+
+                        out = workdir / "fractal.jsonl" if main else os.devnull
+                        log_phase_flow(out, model, x, y, step=state["step"], epoch=epoch)
                     model, opt_state, m = train_step(step_key, model, opt_state, x, y)
                     # Step time: between consecutive dispatches. In steady state the loop is
                     # paced by the device (asynchronous dispatch waits on the metrics read

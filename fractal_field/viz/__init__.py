@@ -1,5 +1,6 @@
 """Visualising fractal fields: domain colouring, the crystallisation of the field over solver
-iterations, solver comparisons, animations and training curves.
+iterations, solver comparisons, animations, training curves and measures of fractality (box
+counting, scale invariance, the segment graph, phase flow).
 
 ```python
 from fractal_field import viz
@@ -18,6 +19,13 @@ from ._colour import (
     colour_wheel_legend as colour_wheel_legend,
     domain_colouring as domain_colouring,
     magnitude_scale as magnitude_scale,
+)
+from ._fractal import (
+    plot_box_counting as plot_box_counting,
+    plot_phase_flow as plot_phase_flow,
+    plot_scale_invariance as plot_scale_invariance,
+    plot_segment_graph as plot_segment_graph,
+    read_phase_flow as read_phase_flow,
 )
 from ._plots import (
     first_of_each_class as first_of_each_class,
