@@ -60,7 +60,9 @@ def test_every_notebook_is_in_the_site():
         assert linked.resolve() == (ROOT / "notebooks" / name).resolve(), linked
 
 
-@pytest.mark.parametrize("module", ["fractal_field", "fractal_field.data", "fractal_field.viz"])
+@pytest.mark.parametrize(
+    "module", ["fractal_field", "fractal_field.data", "fractal_field.viz", "fractal_field.fractal"]
+)
 def test_api_reference_covers_every_public_name(module):
     mod = importlib.import_module(module)
     names = public_names(mod)
