@@ -22,6 +22,9 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N examples")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (on stderr) while evaluating"
+    )
     args = parser.parse_args(argv)
 
     model, meta = ff.load_model(args.checkpoint, with_meta=True)
@@ -30,7 +33,12 @@ def main(argv=None):
     ds = load_dataset(name, args.split, data_dir=args.data_dir or data.get("data_dir"))
     if args.limit:
         ds = ds.subset(args.limit)
-    res = ff.evaluate(model, ds, batch_size=args.batch_size)
+    print(
+        f"Evaluating {args.checkpoint} ({ff.count_params(model):,} real parameters) on "
+        f"{len(ds)} {name} {args.split} images from {ds.origin}",
+        flush=True,
+    )
+    res = ff.evaluate(model, ds, batch_size=args.batch_size, progress=not args.no_progress)
     print(f"{name} {args.split}: accuracy {res['accuracy']:.4f} on {res['n']} images")
     print(
         f"forward solver: mean steps {res['mean_steps']:.2f}, mean relative residual "
