@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 import fractal_field as ff
-from fractal_field.data import load_dataset
+from fractal_field.data import DataFormatError, load_dataset
 
 
 def main(argv=None):
@@ -27,10 +27,14 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    model, meta = ff.load_model(args.checkpoint, with_meta=True)
-    data = meta["config"]["data"]
-    name = data["name"]
-    ds = load_dataset(name, args.split, data_dir=args.data_dir or data.get("data_dir"))
+    try:
+        model, meta = ff.load_model(args.checkpoint, with_meta=True)
+        data = meta["config"]["data"]
+        name = data["name"]
+        ds = load_dataset(name, args.split, data_dir=args.data_dir or data.get("data_dir"))
+    except (FileNotFoundError, DataFormatError, ff.CheckpointError) as e:
+        # A missing or corrupt checkpoint, no data: the message says it all.
+        raise SystemExit(f"error: {e}") from None
     if args.limit:
         ds = ds.subset(args.limit)
     print(

@@ -53,7 +53,8 @@ def main(argv=None):
         # Before training started (loading data, building the model), or a third Ctrl-C.
         print(f"Aborted; checkpoints in {workdir} (if any) are unchanged.", file=sys.stderr)
         return 130
-    except (ff.data.DataNotFoundError, ff.data.DataFormatError) as e:
+    except (FileNotFoundError, ff.data.DataFormatError, ff.CheckpointError) as e:
+        # No data, a corrupt or incompatible checkpoint: the message says it all.
         print(f"error: {e}", file=sys.stderr)
         return 1
     state = summary["state"]
@@ -63,6 +64,9 @@ def main(argv=None):
     stopped = summary["stopped"]
     if stopped is None:
         print(f"done: {where}, {best}")
+        return 0
+    if stopped == "stop_after_steps":
+        print(f"done: {where} (--stop-after-steps), {best}; run again to continue.")
         return 0
     print(f"stopped ({stopped}) at {where}, {best}; run the same command to resume.")
     return 130 if stopped == "SIGINT" else 0

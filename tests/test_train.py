@@ -141,7 +141,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_bad_data_dir_fails_at_once_and_leaves_no_workdir(tmp_path, monkeypatch, capsys):
-    """No tfds, no network, no workdir: through `ff.train` and `scripts/train.py`."""
+    """No tfds, no network, no workdir: through `ff.train` and `scripts/train.py` (which
+    prints such errors in one line, without a traceback)."""
 
     def forbidden(*args, **kwargs):
         raise AssertionError("tensorflow_datasets or the network was used")
@@ -164,6 +165,12 @@ def test_bad_data_dir_fails_at_once_and_leaves_no_workdir(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert err.startswith(f"error: The data directory {tmp_path / 'empty'} holds no mnist")
     assert "Traceback" not in err and not (tmp_path / "w").exists()
+    # A checkpoint without its metadata is reported in one line too.
+    (tmp_path / "ck" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "ck" / "checkpoints" / "last.eqx").write_text("not a checkpoint")
+    assert script.main(["--config", SMOKE, "--workdir", str(tmp_path / "ck")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Checkpoint") and "has no metadata file last.eqx.json" in err
 
 
 # Hooks run in the training process before `scripts/train.py`: a Ctrl-C right after the 6th
