@@ -30,6 +30,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.epochs = 20
     c.optim = dict(lr=4e-3, warmup_epochs=0.3, weight_decay=1e-4, clip=1.0, final_lr_ratio=1e-2)
     c.checkpoint_every_steps = 200
+    # Also save `last` every 5 minutes of training (0: only by steps, epochs and stops).
+    c.checkpoint_every_secs = 300.0
     c.log_every = 50
     # > 0: add that multiple of the Jacobian penalty (`FieldClassifier.jacobian_penalty`).
     c.jacobian_penalty = 0.0

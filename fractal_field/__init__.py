@@ -23,7 +23,11 @@ from ._adjoint import (
     backward_stats_probe as backward_stats_probe,
 )
 from ._cell import FractalCell as FractalCell
-from ._checkpoint import load_checkpoint as load_checkpoint, save_checkpoint as save_checkpoint
+from ._checkpoint import (
+    CheckpointError as CheckpointError,
+    load_checkpoint as load_checkpoint,
+    save_checkpoint as save_checkpoint,
+)
 from ._complex_opt import (
     complex_safe as complex_safe,
     conjugate_complex_grads as conjugate_complex_grads,

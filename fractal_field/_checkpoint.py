@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import equinox as eqx
+import jax
+import numpy as np
 
 FORMAT_VERSION = 1
 
@@ -50,27 +52,118 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, meta: dict) -> None:
     )
 
 
+class CheckpointError(ValueError):
+    """A checkpoint is corrupt (`kind="corrupt"`) or does not fit the tree it is loaded into
+    (`kind="incompatible"`)."""
+
+    def __init__(self, message: str, kind: str = "corrupt"):
+        super().__init__(message)
+        self.kind = kind
+
+
 def read_meta(path: str | os.PathLike) -> dict:
+    """The JSON written beside checkpoint `path` by `save_checkpoint`."""
     path = Path(path)
     meta_path = path.with_name(path.name + ".json")
-    if not path.exists() or not meta_path.exists():
+    if not path.exists():
         raise FileNotFoundError(
-            f"No checkpoint at {path} (expected {path} and {meta_path}). Train a model with "
+            f"No checkpoint at {path}. Train a model with "
             "`python scripts/train.py --config configs/mnist_nano.py --workdir DIR` first."
         )
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f"Checkpoint {path} has no metadata file {meta_path.name} beside it "
+            "(save_checkpoint writes both; copy them together)."
+        )
     try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"Checkpoint metadata {meta_path} is corrupt: {e}") from e
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"Checkpoint metadata {meta_path} is corrupt: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"Checkpoint metadata {meta_path} is corrupt: not a JSON object.")
+    return meta
+
+
+def _header(f, index: int, path: Path):
+    """Shape and dtype from the `.npy` header at `f`'s position (which is kept)."""
+    pos = f.tell()
+    try:
+        version = np.lib.format.read_magic(f)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read(f)
+    except (ValueError, EOFError, OSError) as e:
+        if pos == 0:
+            why = f"corrupt: not an array file written by save_checkpoint ({e})"
+        elif pos == os.fstat(f.fileno()).st_size:
+            why = (
+                f"incompatible or truncated: it ends after {index} arrays, and the "
+                "model/optimiser to load into has more"
+            )
+        else:
+            why = f"corrupt: no array header at array {index} (byte {pos})"
+        kind = "incompatible" if why.startswith("incompatible") else "corrupt"
+        raise CheckpointError(f"Checkpoint {path} is {why}.", kind) from None
+    f.seek(pos)
+    return shape, dtype
 
 
 def load_checkpoint(path: str | os.PathLike, like: Any) -> Any:
-    """Load leaves saved by `save_checkpoint` into a pytree shaped like `like`."""
+    """Load leaves saved by `save_checkpoint` into a pytree shaped like `like`.
+
+    **Raises:** `CheckpointError` (a `ValueError`), in one line, if the file is not an array
+    file written by `save_checkpoint`, ends early, or holds arrays of other shapes, dtypes or
+    number than `like`'s.
+    """
     path = Path(path)
-    try:
-        return eqx.tree_deserialise_leaves(path, like)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(
-            f"Checkpoint {path} does not match the model/optimiser built from its config "
-            f"(incompatible config or corrupt file): {type(e).__name__}: {e}"
-        ) from e
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint at {path}.")
+    index = 0
+
+    def spec(f, x):
+        nonlocal index
+        if isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)):
+            shape, dtype = _header(f, index, path)
+            if tuple(shape) != tuple(x.shape) or dtype != x.dtype:
+                raise CheckpointError(
+                    f"Checkpoint {path} is incompatible: array {index} is {dtype}{list(shape)} "
+                    f"on disk, {x.dtype}{list(x.shape)} in the model/optimiser to load into.",
+                    "incompatible",
+                )
+        elif isinstance(x, (bool, int, float, complex)):
+            _header(f, index, path)
+        else:
+            return eqx.default_deserialise_filter_spec(f, x)
+        index += 1
+        try:
+            return eqx.default_deserialise_filter_spec(f, x)
+        except (ValueError, EOFError, OSError) as e:
+            raise CheckpointError(
+                f"Checkpoint {path} is corrupt: array {index - 1} cannot be read "
+                f"({type(e).__name__}: {e})."
+            ) from None
+
+    with open(path, "rb") as f:
+        try:
+            out = eqx.tree_deserialise_leaves(f, like, filter_spec=spec)
+        except Exception as e:
+            # Equinox wraps errors in one naming the leaf's path; ours already say it all.
+            cause = e
+            while cause is not None and not isinstance(cause, CheckpointError):
+                cause = cause.__cause__
+            if cause is None:
+                raise CheckpointError(
+                    f"Checkpoint {path} is incompatible: {type(e).__name__}: {e}", "incompatible"
+                ) from None
+            raise cause from None
+        left = len(f.read())
+    if left:
+        raise CheckpointError(
+            f"Checkpoint {path} is incompatible: it holds more than the {index} arrays of the "
+            f"model/optimiser to load into ({left} bytes left).",
+            "incompatible",
+        )
+    return out

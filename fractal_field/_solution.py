@@ -7,24 +7,30 @@ from jaxtyping import Array, Float, Int, PyTree
 
 
 class RESULTS(eqx.Enumeration):
-    """Outcome of a solve. Compare with `sol.result == ff.RESULTS.successful`."""
+    """Outcome of a solve. Compare with `sol.result == ff.RESULTS.successful`.
 
-    successful = ""
+    Each message starts with the item's name, so `print(sol.result)` names it
+    (`...RESULTS<successful>`).
+    """
+
+    successful = "successful"
     max_steps_reached = (
-        "The fixed-point solver did not converge: it reached `max_steps` with the residual "
-        "still above the tolerance. Raise `max_steps`, loosen `rtol`/`atol`, use a stronger "
-        "solver (Anderson, Multigrid) or make the map more contractive."
+        "max_steps_reached: the fixed-point solver did not converge: it reached `max_steps` "
+        "with the residual still above the tolerance. Raise `max_steps`, loosen `rtol`/`atol`, "
+        "use a stronger solver (Anderson, Multigrid) or make the map more contractive."
     )
     nonfinite = (
-        "The fixed-point solver produced a non-finite value (NaN or inf) in the iterate or its "
-        "residual. Check the inputs for NaN/inf and the map for overflow."
+        "nonfinite: the fixed-point solver produced a non-finite value (NaN or inf) in the "
+        "iterate or its residual. Check the inputs for NaN/inf and the map for overflow."
     )
     diverged = (
-        "The fixed-point iteration diverged: the residual grew far above the smallest residual "
-        "seen. The map is probably not contractive; lower the step size (damping/mixing) or "
-        "constrain the map's Lipschitz constant."
+        "diverged: the fixed-point iteration diverged: the residual grew far above the smallest "
+        "residual seen. The map is probably not contractive; lower the step size "
+        "(damping/mixing) or constrain the map's Lipschitz constant."
     )
-    nonfinite_input = "The initial guess z0 (or fn(z0, args)) contains NaN or inf values."
+    nonfinite_input = (
+        "nonfinite_input: the initial guess z0 (or fn(z0, args)) contains NaN or inf values."
+    )
 
 
 class Stats(eqx.Module):

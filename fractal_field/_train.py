@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,13 @@ from ._adjoint import (
     UnrolledAdjoint,
     backward_stats_probe,
 )
-from ._checkpoint import load_checkpoint, read_meta, save_checkpoint
+from ._checkpoint import (
+    CheckpointError,
+    _atomic_write,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from ._complex_opt import complex_safe
 from ._model import FieldClassifier, count_params, make_model, param_summary
 from ._solution import RESULTS
@@ -239,15 +246,33 @@ def eval_step(model, images, labels):
     )
 
 
-def evaluate(model, dataset: ArrayDataset, *, batch_size: int = 500, sharding=None) -> dict:
-    """Accuracy, mean forward solver steps and relative residual, and confusion matrix."""
+def evaluate(
+    model,
+    dataset: ArrayDataset,
+    *,
+    batch_size: int = 500,
+    sharding=None,
+    progress: bool = False,
+) -> dict:
+    """Accuracy, mean forward solver steps and relative residual, and confusion matrix.
+
+    `progress=True` shows a progress bar (tqdm, on stderr).
+    """
     k = dataset.num_classes
     conf = np.zeros((k, k), np.int64)
     totals = dict(correct=0, steps=0.0, residual=0.0, failed=0)
     n = 0
-    for images, labels in dataset.batches(
-        batch_size, seed=0, epoch=0, shuffle=False, drop_last=False
-    ):
+    batches = dataset.batches(batch_size, seed=0, epoch=0, shuffle=False, drop_last=False)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(
+            batches,
+            total=dataset.num_batches(batch_size, drop_last=False),
+            desc=f"evaluating {dataset.name} {dataset.split}".rstrip(),
+            unit="batch",
+        )
+    for images, labels in batches:
         x = np.asarray(dataset.normalize(images))
         labels = np.asarray(labels, np.int32)
         if sharding is not None and len(images) % sharding.mesh.size == 0:
@@ -290,21 +315,78 @@ def _host_batch_to_global(x, sharding):
     return jax.make_array_from_process_local_data(sharding, local, x.shape)
 
 
+class _Stop(Exception):
+    """Raised by `_Interrupt` to leave an evaluation early (no parameters change there)."""
+
+
 class _Interrupt:
-    """Turn SIGTERM into a clean stop at the next step boundary."""
+    """SIGINT (Ctrl-C) and SIGTERM -> a clean stop at the next step boundary.
+
+    The handler only records the signal, so a training step (which donates its input buffers)
+    always completes and the loop saves the last completed step. During an evaluation
+    (`immediate`) it stops at once; during a save (`saving`) it waits for the save. A third
+    Ctrl-C outside a save aborts without saving (`KeyboardInterrupt`).
+    """
 
     def __init__(self):
-        self.flag = False
+        self.signum: int | None = None
+        self.count = 0
+        self.saving = False
+        self.immediate = False
+        self.old: dict = {}
 
     def __enter__(self):
-        self.old = signal.signal(signal.SIGTERM, self._handler)
+        # Signal handlers can only be installed from the main thread.
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, self._handler)
         return self
 
-    def _handler(self, *_):
-        self.flag = True
+    @staticmethod
+    def _say(msg: str) -> None:
+        # Unbuffered: a print() here could re-enter a stream the loop is writing to.
+        os.write(2, f"\n{msg}\n".encode())
+
+    def _handler(self, signum, _frame):
+        self.count += 1
+        if self.signum is None:
+            self.signum = signum
+            self._say(
+                f"{signal.Signals(signum).name} received: stopping after the current step "
+                "and saving a checkpoint (Ctrl-C twice more aborts without saving)."
+            )
+        if self.saving:
+            return
+        if self.count >= 3 and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.immediate:
+            raise _Stop
+
+    @property
+    def flag(self) -> bool:
+        return self.signum is not None
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.old)
+        for s, old in self.old.items():
+            signal.signal(s, old)
+
+
+def _truncate_jsonl(path: Path, keep) -> None:
+    """Drop the rows of a JSON-lines log for which `keep(row)` is false (and torn lines)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if keep(row):
+            rows.append(line)
+    if len(rows) != len(lines):
+        text = "".join(r + "\n" for r in rows)
+        _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 @jax.jit
@@ -317,6 +399,11 @@ def _ckpt_meta(config, **extra) -> dict:
     return dict(config=config.to_dict(), **extra)
 
 
+def _describe(ds: ArrayDataset, split: str) -> str:
+    where = f"from {ds.origin}" if ds.origin else "generated in memory"
+    return f"{ds.name} {split} ({len(ds)} examples) {where}"
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -327,16 +414,19 @@ def train(
     """Train `config` in `workdir`, resuming from `workdir/checkpoints/last.eqx` if present.
 
     Writes `metrics.jsonl` (per step), `eval.jsonl` (per epoch) and checkpoints `last`,
-    `best` and `epoch_NNN` (each with a JSON of the config and progress). Stops after
-    `stop_after_steps` global steps if given (as if killed after a checkpoint), or on
-    SIGTERM/Ctrl-C after saving. Returns a summary dict.
+    `best` and `epoch_NNN` (each with a JSON of the config and progress). `last` is also
+    saved every `config.checkpoint_every_steps` steps and `config.checkpoint_every_secs`
+    seconds. Stops after `stop_after_steps` global steps if given, or at the next step
+    boundary on SIGINT (Ctrl-C) or SIGTERM, after saving `last`. Returns a summary dict;
+    its `stopped` is `None` for a finished run, else `"stop_after_steps"` or the signal's
+    name (`"SIGINT"`, `"SIGTERM"`).
     """
     workdir = Path(workdir)
     ckdir = workdir / "checkpoints"
-    workdir.mkdir(parents=True, exist_ok=True)
     if progress is None:
         progress = sys.stderr.isatty()
 
+    # Data first: a run that cannot start leaves no workdir behind.
     train_ds = load_data(config, "train")
     test_ds = load_data(config, "test")
     bs = config.batch_size
@@ -370,7 +460,14 @@ def train(
         print(f"Resumed from {last} at epoch {state['epoch']} step {state['step']}.", flush=True)
     elif main:
         print(param_summary(model), flush=True)
+        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if main:
+        print(f"Data: {_describe(train_ds, 'train')}; {_describe(test_ds, 'test')}.", flush=True)
+        # Rows past the checkpoint (written before a kill) are trained again: drop them, so
+        # that the logs hold each step and epoch once.
+        _truncate_jsonl(workdir / "metrics.jsonl", lambda r: r.get("step", 0) < state["step"])
+        _truncate_jsonl(workdir / "eval.jsonl", lambda r: r.get("epoch", 0) < state["epoch"])
 
     mesh = _mesh()
     data_sharding = NamedSharding(mesh, P("data"))
@@ -379,25 +476,35 @@ def train(
     train_step = make_train_step(
         optimizer, config.data.get("augment", False), config.get("jacobian_penalty", 0.0)
     )
+    interrupt = _Interrupt()
+    last_save = time.monotonic()
 
     def save(path, **extra):
+        nonlocal last_save
         # Never replace a good checkpoint by a broken model.
         if not bool(_all_finite(eqx.filter(model, eqx.is_inexact_array))):
             raise FloatingPointError(
                 f"Parameters became non-finite by step {state['step']}; not saving {path.name} "
                 f"(the last good checkpoint stays in {ckdir})."
             )
-        if not main:
-            return
-        save_checkpoint(
-            path,
-            (model, opt_state),
-            _ckpt_meta(config, **state, num_params=count_params(model), **extra),
-        )
+        if main:
+            interrupt.saving = True  # a signal now waits for the save
+            try:
+                save_checkpoint(
+                    path,
+                    (model, opt_state),
+                    _ckpt_meta(config, **state, num_params=count_params(model), **extra),
+                )
+            finally:
+                interrupt.saving = False
+        last_save = time.monotonic()
 
     log = open(workdir / "metrics.jsonl" if main else os.devnull, "a")  # noqa: SIM115
     eval_log = open(workdir / "eval.jsonl" if main else os.devnull, "a")  # noqa: SIM115
     ckpt_every = config.get("checkpoint_every_steps", 0)
+    # By time only in a single process: each process's clock would decide differently, and
+    # every process must take part in a save (its finiteness check is a global computation).
+    ckpt_secs = config.get("checkpoint_every_secs", 0) if jax.process_count() == 1 else 0
     # The schedule evaluated once for all steps (not one small device computation per step).
     total_steps = config.epochs * steps_per_epoch
     lrs = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(max(total_steps, 1))))
@@ -429,14 +536,14 @@ def train(
             if not math.isfinite(m.get(name, 0.0)):
                 raise FloatingPointError(f"{name} became {m[name]} at step {step + 1}.")
 
-    stopped = False
+    stopped = None
     summary: dict = {}
+    bar = None
     try:
-        with _Interrupt() as interrupt:
-            while state["epoch"] < config.epochs and not stopped:
+        with interrupt:
+            while state["epoch"] < config.epochs and stopped is None:
                 epoch = state["epoch"]
                 t_epoch = t_prev = time.time()
-                bar = None
                 if progress:
                     from tqdm import tqdm
 
@@ -450,6 +557,9 @@ def train(
                 # was non-finite is never saved.
                 pending = None
                 for images, labels in batches:
+                    if interrupt.flag:  # e.g. a signal during the last epoch's checkpoints
+                        stopped = signal.Signals(interrupt.signum).name
+                        break
                     x = _host_batch_to_global(np.asarray(train_ds.normalize(images)), data_sharding)
                     y = _host_batch_to_global(labels, data_sharding)
                     step_key = jr.fold_in(aug_key, state["step"])
@@ -471,34 +581,47 @@ def train(
                     pending = (m, state["step"], epoch, step_time)
                     state["step"] += 1
                     state["batch"] += 1
-                    ckpt_due = bool(ckpt_every) and state["step"] % ckpt_every == 0
-                    stop = interrupt.flag or (
-                        stop_after_steps is not None and state["step"] >= stop_after_steps
+                    ckpt_due = (bool(ckpt_every) and state["step"] % ckpt_every == 0) or (
+                        bool(ckpt_secs) and time.monotonic() - last_save >= ckpt_secs
                     )
-                    if ckpt_due or stop:
+                    if interrupt.flag:
+                        stopped = signal.Signals(interrupt.signum).name
+                    elif stop_after_steps is not None and state["step"] >= stop_after_steps:
+                        stopped = "stop_after_steps"
+                    if ckpt_due or stopped:
                         report(*pending)
                         pending = None
-                    if ckpt_due:
+                    if ckpt_due and not stopped:
                         log.flush()
                         save(last)
-                    if stop:
-                        stopped = True
+                    if stopped:
                         break
                 if pending is not None:
                     report(*pending)
                 if bar is not None:
                     bar.close()
+                    bar = None
                 if stopped:
-                    log.flush()
-                    save(last)
                     break
                 epoch_time = time.time() - t_epoch
-                ev = evaluate(
-                    model,
-                    test_ds,
-                    batch_size=config.get("eval_batch_size", 500),
-                    sharding=data_sharding,
-                )
+                # A signal during the evaluation stops it at once (the parameters are those
+                # of the epoch's last step; a resumed run evaluates them again).
+                interrupt.immediate = True
+                try:
+                    if interrupt.flag:
+                        raise _Stop
+                    ev = evaluate(
+                        model,
+                        test_ds,
+                        batch_size=config.get("eval_batch_size", 500),
+                        sharding=data_sharding,
+                        progress=progress,
+                    )
+                except _Stop:
+                    stopped = signal.Signals(interrupt.signum).name
+                    break
+                finally:
+                    interrupt.immediate = False
                 ev_row = dict(
                     epoch=epoch,
                     step=state["step"],
@@ -523,14 +646,22 @@ def train(
                     save(ckdir / "best.eqx", test_accuracy=ev["accuracy"])
                 save(last, test_accuracy=ev["accuracy"])
                 summary = dict(ev_row)
-    except KeyboardInterrupt:
-        save(last)
-        print(f"Interrupted: saved {last} at step {state['step']}.", flush=True)
-        raise
+            if stopped is not None:
+                log.flush()
+                save(last)
+                if stopped != "stop_after_steps":
+                    print(
+                        f"Stopped by {stopped} at epoch {state['epoch']} step {state['step']}: "
+                        f"saved {last}; training in the same workdir resumes from step "
+                        f"{state['step']}.",
+                        flush=True,
+                    )
     finally:
+        if bar is not None:
+            bar.close()
         log.close()
         eval_log.close()
-    summary.update(state=state, model=model)
+    summary.update(state=state, model=model, stopped=stopped)
     return summary
 
 
@@ -547,15 +678,25 @@ def load_model(path: str | os.PathLike, *, with_meta: bool = False):
                 path = cand
                 break
     meta = read_meta(path)
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(
+            f"Checkpoint metadata {path}.json has no training config; load the arrays with "
+            "`ff.load_checkpoint(path, like)` instead."
+        )
     config = ml_collections.ConfigDict(meta["config"])
     model = build_model(config, key=jr.PRNGKey(0))
     optimizer, _ = build_optimizer(config, 1)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     try:
         model, _ = load_checkpoint(path, (model, opt_state))
-    except ValueError:
+    except CheckpointError as full:
+        if full.kind == "corrupt":
+            raise
         # Model-only checkpoints (e.g. the shipped one) hold just the model.
-        model = load_checkpoint(path, model)
+        try:
+            model = load_checkpoint(path, model)
+        except CheckpointError:
+            raise full from None
     return (model, meta) if with_meta else model
 
 

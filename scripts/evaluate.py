@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 import fractal_field as ff
-from fractal_field.data import load_dataset
+from fractal_field.data import DataFormatError, load_dataset
 
 
 def main(argv=None):
@@ -22,15 +22,27 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N examples")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (on stderr) while evaluating"
+    )
     args = parser.parse_args(argv)
 
-    model, meta = ff.load_model(args.checkpoint, with_meta=True)
-    data = meta["config"]["data"]
-    name = data["name"]
-    ds = load_dataset(name, args.split, data_dir=args.data_dir or data.get("data_dir"))
+    try:
+        model, meta = ff.load_model(args.checkpoint, with_meta=True)
+        data = meta["config"]["data"]
+        name = data["name"]
+        ds = load_dataset(name, args.split, data_dir=args.data_dir or data.get("data_dir"))
+    except (FileNotFoundError, DataFormatError, ff.CheckpointError) as e:
+        # A missing or corrupt checkpoint, no data: the message says it all.
+        raise SystemExit(f"error: {e}") from None
     if args.limit:
         ds = ds.subset(args.limit)
-    res = ff.evaluate(model, ds, batch_size=args.batch_size)
+    print(
+        f"Evaluating {args.checkpoint} ({ff.count_params(model):,} real parameters) on "
+        f"{len(ds)} {name} {args.split} images from {ds.origin}",
+        flush=True,
+    )
+    res = ff.evaluate(model, ds, batch_size=args.batch_size, progress=not args.no_progress)
     print(f"{name} {args.split}: accuracy {res['accuracy']:.4f} on {res['n']} images")
     print(
         f"forward solver: mean steps {res['mean_steps']:.2f}, mean relative residual "

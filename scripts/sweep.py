@@ -66,12 +66,17 @@ def main(argv=None) -> int:
         print(f"[{name}] {shlex.join(cmd)}", flush=True)
         procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
     deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
+    interrupted = False
     try:
         while any(proc.poll() is None for proc, _ in procs.values()):
             if deadline is not None and time.monotonic() > deadline:
                 print("time limit reached: stopping every run (they checkpoint first)", flush=True)
                 break
             time.sleep(1)
+    except KeyboardInterrupt:
+        # The runs got the Ctrl-C too (same process group) and stop after checkpointing.
+        print("interrupted: stopping every run (they checkpoint first)", flush=True)
+        interrupted = True
     finally:
         for proc, _ in procs.values():
             if proc.poll() is None:
@@ -79,7 +84,8 @@ def main(argv=None) -> int:
         for proc, log in procs.values():
             proc.wait()
             log.close()
-    failed = {n: proc.returncode for n, (proc, _) in procs.items() if proc.returncode != 0}
+    # 130: a run stopped by Ctrl-C (it saved a checkpoint), not a failure.
+    failed = {n: p.returncode for n, (p, _) in procs.items() if p.returncode not in (0, 130)}
     summary = {}
     for name in runs:
         try:
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
     for name, code in failed.items():
         print(f"{name} exited with code {code}; see {workdir / name}.log")
     print(f"wrote {workdir / 'summary.json'}")
-    return 1 if failed else 0
+    return 1 if failed else 130 if interrupted else 0
 
 
 if __name__ == "__main__":

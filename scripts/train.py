@@ -3,14 +3,20 @@
     python scripts/train.py --config configs/mnist_nano.py --workdir runs/mnist_nano \
         [--data-dir DIR] [optim.lr=3e-3 epochs=10 ...]
 
-Resumes automatically from `WORKDIR/checkpoints/last.eqx`. The data directory comes from
-`--data-dir` or the `FRACTAL_FIELD_DATA` environment variable (see `fractal_field.data`). Set
-`JAX_COMPILATION_CACHE_DIR` to let a restart reuse the compiled steps (`benchmarks/restart.py`).
+Resumes automatically from `WORKDIR/checkpoints/last.eqx`, saved every
+`checkpoint_every_steps` steps, every `checkpoint_every_secs` seconds, at the end of each
+epoch and when stopped. Ctrl-C (SIGINT) or SIGTERM stops at the next step boundary after
+saving it: exit code 130 after Ctrl-C, 0 after SIGTERM (the scheduler's or
+`scripts/sweep.py`'s time limit). The data comes from `--data-dir` (that directory only), or
+from the places `fractal_field.data` searches ($FRACTAL_FIELD_DATA, ./data, ../shared/data),
+then tensorflow_datasets. Set `JAX_COMPILATION_CACHE_DIR` to let a restart reuse the compiled
+steps (`benchmarks/restart.py`). See docs/training.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import fractal_field as ff
 
@@ -40,12 +46,31 @@ def main(argv=None):
     config = ff.load_config(args.config, args.overrides)
     if args.data_dir is not None:
         config.data.data_dir = args.data_dir
-    summary = ff.train(config, args.workdir, stop_after_steps=args.stop_after_steps)
+    workdir = args.workdir
+    try:
+        summary = ff.train(config, workdir, stop_after_steps=args.stop_after_steps)
+    except KeyboardInterrupt:
+        # Before training started (loading data, building the model), or a third Ctrl-C.
+        print(f"Aborted; checkpoints in {workdir} (if any) are unchanged.", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ff.data.DataFormatError, ff.CheckpointError) as e:
+        # No data, a corrupt or incompatible checkpoint: the message says it all.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     state = summary["state"]
-    print(
-        f"done: epoch {state['epoch']} step {state['step']} best test acc {state['best_acc']:.4f}"
-    )
+    where = f"epoch {state['epoch']} step {state['step']}"
+    best = state["best_acc"]
+    best = f"best test acc {best:.4f}" if best >= 0 else "no evaluation yet"
+    stopped = summary["stopped"]
+    if stopped is None:
+        print(f"done: {where}, {best}")
+        return 0
+    if stopped == "stop_after_steps":
+        print(f"done: {where} (--stop-after-steps), {best}; run again to continue.")
+        return 0
+    print(f"stopped ({stopped}) at {where}, {best}; run the same command to resume.")
+    return 130 if stopped == "SIGINT" else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,11 +3,12 @@
     python scripts/visualize.py [--checkpoint checkpoints/mnist_nano.eqx] [--input 0]
                                 [--out figures/] [--every 1] [--max-steps 60]
 
-Writes into `--out`: `evolution_fractal.png` (the field crystallising over the iterations),
-`field.gif` (the same as an animation), `residuals.png` and `solvers.png` (Naive, Anderson
-and Multigrid on the same input) and `gallery.png` (fixed points of one test image per
-class); with `--workdir`, also `training.png`. Without a checkpoint it falls back to a
-randomly initialised nano model (with a warning).
+Writes into `--out` (default `figures/`; `--out docs` regenerates the README's images):
+`evolution_fractal.png` (the field crystallising over the iterations), `field.gif` (the same
+as an animation), `residuals.png` and `solvers.png` (Naive, Anderson and Multigrid on the
+same input; relative residuals) and `gallery.png` (fixed points of one test image per class);
+with `--workdir`, also `training.png`. Without a checkpoint it falls back to a randomly
+initialised nano model (with a warning).
 """
 
 from __future__ import annotations
@@ -26,17 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "mnist_nano.eqx"
 
 
-def shown(path: Path) -> str:
-    """`path` as figure titles show it: relative to the working directory or the repository
-    (never an absolute path of this machine), else its file name."""
-    for base in (Path.cwd(), ROOT):
-        try:
-            return str(path.resolve().relative_to(base.resolve()))
-        except ValueError:
-            pass
-    return path.name
-
-
 def load_model_or_random(checkpoint: str | Path | None, preset: str = "nano"):
     """`(model, dataset_name, note)`: the checkpoint's model, or a random `preset` model."""
     from fractal_field._model import make_model
@@ -46,7 +36,9 @@ def load_model_or_random(checkpoint: str | Path | None, preset: str = "nano"):
     if path.exists():
         model, meta = load_model(path, with_meta=True)
         data = meta.get("config", {}).get("data", {}).get("name", "mnist")
-        return model, data, f"trained model {shown(path)}"
+        print(f"Model: {path}")
+        # Figure titles name the file only (no machine paths in the figures).
+        return model, data, f"trained model {path.name}"
     print(
         f"WARNING: no checkpoint at {path}; using a RANDOMLY INITIALISED {preset!r} model. "
         "The figures show the solver on an untrained field, not a trained one. Pass "
@@ -71,7 +63,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help=f"default {DEFAULT_CHECKPOINT}")
     p.add_argument("--input", type=int, default=0, help="index of the test image")
-    p.add_argument("--out", default="figures", help="output directory")
+    p.add_argument(
+        "--out",
+        default="figures",
+        help="output directory (default: figures/; the README's images live in docs/, so "
+        "`--out docs` regenerates those)",
+    )
     p.add_argument("--data-dir", default=None, help="data directory (or $FRACTAL_FIELD_DATA)")
     p.add_argument("--every", type=int, default=1, help="record every K-th iterate")
     p.add_argument("--max-steps", type=int, default=60, help="solver steps at most")
@@ -106,7 +103,13 @@ def main(argv=None):
     viz.animate_field(
         traj, out / "field.gif", channel=args.channels[:3], residuals=res, every=args.every
     )
-    print(f"Naive: {int(sol.stats.num_steps)} steps, residual {float(sol.stats.residual):.2e}")
+    print(
+        f"Fixed point z* = cell(z*) of the {note} on test image {args.input} (label {label}), "
+        f"Naive iteration from z = 0: {int(sol.stats.num_steps)} steps, relative residual "
+        f"||f(z) - z|| / ||f(z)|| {float(sol.stats.relative_residual):.2e} "
+        f"(absolute {float(sol.stats.residual):.2e})"
+        + ("" if sol.result == ff.RESULTS.successful else f", above --rtol {args.rtol:g}")
+    )
 
     sols = viz.compare_solvers(model, x, max_steps=args.max_steps, **tol)
     for name, s in sols.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import socket
 import sys
 import tarfile
 import types
@@ -24,6 +25,7 @@ from fractal_field.data import (
     augment,
     dataset as dataset_module,
     load_dataset,
+    tfds_source,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,17 +297,114 @@ def test_missing_data_dir_lists_places(tmp_path):
         data.resolve_data_dir(missing)
 
 
-def test_auto_falls_back_to_tfds_and_reports_everything(tmp_path, monkeypatch):
+def _no_network_no_tfds(monkeypatch):
+    """Fail the test on any tfds use or network connection."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("tensorflow_datasets or the network was used")
+
+    monkeypatch.setattr(dataset_module, "load_tfds", forbidden)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # importing it fails
+    monkeypatch.setattr(socket, "create_connection", forbidden)
+    monkeypatch.setattr(socket.socket, "connect", forbidden)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty", "other_dataset"])
+def test_named_data_dir_without_data_fails_at_once(tmp_path, monkeypatch, kind):
+    """A data directory the user named is the only place looked: no download fallback."""
+    _no_network_no_tfds(monkeypatch)
+    d = tmp_path / "dir"
+    if kind == "file":
+        d.write_text("not a directory")
+    elif kind != "missing":
+        d.mkdir()
+    if kind == "other_dataset":
+        write_mnist(d / "mnist", "train", 3, gz=False)
+    expected = {
+        "missing": "does not exist",
+        "file": "is not a directory",
+        "empty": "holds no cifar10 'train' data",
+        "other_dataset": "holds no cifar10 'train' data",
+    }[kind]
+    with pytest.raises(DataNotFoundError, match=f"The data directory {d} {expected}") as e:
+        load_dataset("cifar10", "train", data_dir=d)  # source="auto"
+    assert "--data-dir" in str(e.value)
+
+
+def test_auto_falls_back_to_tfds_only_without_a_data_dir(tmp_path, monkeypatch):
+    """No data directory given and none of the default places holds the data: tfds, whose
+    error is reported with every place looked."""
+
     def offline(*args, **kwargs):
         raise DataNotFoundError("no internet")
 
     monkeypatch.setattr(dataset_module, "load_tfds", offline)
     (tmp_path / "mnist").mkdir()
+    monkeypatch.setattr(
+        dataset_module, "candidate_data_dirs", lambda data_dir=None: [(tmp_path, "test dir")]
+    )
     with pytest.raises(DataNotFoundError) as e:
-        load_dataset("cifar10", "test", data_dir=tmp_path)
+        load_dataset("cifar10", "test")
     msg = str(e.value)
     assert "cifar10" in msg and "cifar-10-batches-bin" in msg
     assert "tensorflow_datasets: no internet" in msg and "internet" in msg
+
+
+def _fake_tfds(monkeypatch, calls, root=None):
+    """A `tensorflow_datasets` without prepared data; records `(function, download)` calls
+    (a download would create `root`)."""
+
+    def data_source(name, *, download, **kwargs):
+        calls.append(("data_source", download))
+        if download and root is not None:
+            (root / "downloads").mkdir(parents=True)
+        raise KeyError("splits is empty: the dataset has not been generated yet")
+
+    def load(name, *, download, **kwargs):
+        calls.append(("load", download))
+        raise RuntimeError("no TensorFlow")
+
+    fake = types.ModuleType("tensorflow_datasets")
+    fake.data_source, fake.load = data_source, load
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+
+
+def test_tfds_offline_fails_fast_without_download(tmp_path, monkeypatch):
+    """Offline (the download server unreachable): prepared data only, no download attempt."""
+    calls = []
+    _fake_tfds(monkeypatch, calls)
+    monkeypatch.setattr(tfds_source, "_unreachable", lambda name: "cannot reach it (test)")
+    with pytest.raises(DataNotFoundError, match="no download: cannot reach it"):
+        data.load_tfds("mnist", "train", data_dir=tmp_path / "tfds")
+    assert calls == [("data_source", False)]
+
+
+def test_failed_tfds_download_leaves_no_data_dir(tmp_path, monkeypatch):
+    root = tmp_path / "tfds"
+    calls = []
+    _fake_tfds(monkeypatch, calls, root)
+    monkeypatch.setattr(tfds_source, "_unreachable", lambda name: None)
+    with pytest.raises(DataNotFoundError, match="could not load 'mnist'"):
+        data.load_tfds("mnist", "train", data_dir=root)
+    assert calls == [("data_source", False), ("data_source", True), ("load", True)]
+    assert not root.exists()
+    root.mkdir()  # a directory that was there before is kept
+    with pytest.raises(DataNotFoundError):
+        data.load_tfds("mnist", "train", data_dir=root)
+    assert root.is_dir()
+
+
+def test_download_server_probe_through_a_local_proxy(monkeypatch):
+    """`_unreachable` connects to the HTTPS proxy when one is set (a local socket here)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert tfds_source._unreachable("mnist", timeout=5) is None
+    with socket.socket() as closed:  # bound, not listening: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("https_proxy", f"127.0.0.1:{closed.getsockname()[1]}")
+        assert "cannot reach 127.0.0.1" in tfds_source._unreachable("mnist", timeout=5)
 
 
 def test_data_dir_resolution_order(tmp_path, monkeypatch):

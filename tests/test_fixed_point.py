@@ -569,6 +569,17 @@ def test_failure_codes_without_throw(name):
         assert np.isfinite(float(sol.value))
         assert int(sol.stats.num_steps) < 100  # stopped early, not at max_steps
         assert float(sol.stats.residual) > 1e4  # the residual at z0 is 1
+    # Printing a result names it, then says what happened.
+    item = {"max_steps": "max_steps_reached", "nonfinite_fn_z0": "nonfinite_input"}.get(name, name)
+    printed = repr(sol.result)
+    assert printed.startswith(f"fractal_field._solution.RESULTS<{item}: ")
+    assert FAILURES[name][4] in printed and printed.endswith(">")
+
+
+def test_successful_result_prints_its_name():
+    sol = SOLVE(_half, jnp.array(1.0), solver=ff.Naive(), max_steps=100, **TIGHT)
+    assert repr(sol.result) == "fractal_field._solution.RESULTS<successful>"
+    assert ff.RESULTS[sol.result] == "successful"
 
 
 def test_divergence_zero_disables_check():

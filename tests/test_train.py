@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 import fractal_field as ff
+import fractal_field._train as _train
 from fractal_field._checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,51 +108,146 @@ def test_multiscale_training_checkpoints_and_reloads(tmp_path):
     np.testing.assert_allclose(loaded.batched(x)[0], summary["model"].batched(x)[0], rtol=1e-6)
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     config = ff.load_config(SMOKE, ["epochs=2"])
     full = ff.train(config, tmp_path / "full")
     # Stopped mid-epoch (step 6 of 8; the stop checkpoints), then resumed.
-    ff.train(config, tmp_path / "split", stop_after_steps=6)
+    out = ff.train(config, tmp_path / "split", stop_after_steps=6)
+    assert out["stopped"] == "stop_after_steps"
     meta = json.loads((tmp_path / "split/checkpoints/last.eqx.json").read_text())
     assert meta["step"] == 6 and meta["epoch"] == 0 and meta["batch"] == 6
+    # Ctrl-C during the evaluation that ends epoch 0 stops it at once; the resumed run
+    # evaluates the same parameters again.
+    evaluate = _train.evaluate
+
+    def interrupted_evaluate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(_train, "evaluate", interrupted_evaluate)
+    out = ff.train(config, tmp_path / "split")
+    assert out["stopped"] == "SIGINT"
+    meta = json.loads((tmp_path / "split/checkpoints/last.eqx.json").read_text())
+    assert (meta["epoch"], meta["batch"], meta["step"]) == (0, 8, 8)
+    assert not (tmp_path / "split/eval.jsonl").read_text()
+    monkeypatch.setattr(_train, "evaluate", evaluate)
     resumed = ff.train(config, tmp_path / "split")
+    assert resumed["stopped"] is None
     assert resumed["state"]["step"] == full["state"]["step"] == 16
     for a, b in zip(_params(resumed["model"]), _params(full["model"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    evals = [json.loads(x) for x in (tmp_path / "split/eval.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [0, 1]
 
 
-def test_resume_after_hard_kill_loses_only_uncheckpointed_steps(tmp_path):
-    """A process killed with SIGKILL resumes from its last periodic checkpoint.
+def test_bad_data_dir_fails_at_once_and_leaves_no_workdir(tmp_path, monkeypatch, capsys):
+    """No tfds, no network, no workdir: through `ff.train` and `scripts/train.py` (which
+    prints such errors in one line, without a traceback)."""
 
-    Every run is a fresh process, so all three see the same float32 settings (the test
-    process may have float64 switched on by another test module).
+    def forbidden(*args, **kwargs):
+        raise AssertionError("tensorflow_datasets or the network was used")
+
+    monkeypatch.setattr(ff.data.dataset, "load_tfds", forbidden)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    monkeypatch.setattr(socket, "create_connection", forbidden)
+    monkeypatch.setattr(socket.socket, "connect", forbidden)
+    missing = tmp_path / "no_such_dir"
+    config = ff.load_config(str(ROOT / "configs" / "mnist_nano.py"), [f"data.data_dir={missing}"])
+    with pytest.raises(ff.data.DataNotFoundError, match=f"{missing} does not exist"):
+        ff.train(config, tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "empty").mkdir()
+    argv = ["--config", str(ROOT / "configs" / "mnist_nano.py"), "--workdir", str(tmp_path / "w")]
+    assert script.main([*argv, "--data-dir", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: The data directory {tmp_path / 'empty'} holds no mnist")
+    assert "Traceback" not in err and not (tmp_path / "w").exists()
+    # A checkpoint without its metadata is reported in one line too.
+    (tmp_path / "ck" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "ck" / "checkpoints" / "last.eqx").write_text("not a checkpoint")
+    assert script.main(["--config", SMOKE, "--workdir", str(tmp_path / "ck")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Checkpoint") and "has no metadata file last.eqx.json" in err
+
+
+# Hooks run in the training process before `scripts/train.py`: a Ctrl-C right after the 6th
+# step returned (its donated inputs are gone) and a second one while that stop is saved.
+CTRL_C = """
+import os, signal
+import fractal_field._train as t
+make, orig = t.make_train_step, t.save_checkpoint
+def make_train_step(*args, **kwargs):
+    step, calls = make(*args, **kwargs), []
+    def counted(*a):
+        out = step(*a)
+        calls.append(1)
+        if len(calls) == 6: os.kill(os.getpid(), signal.SIGINT)
+        return out
+    return counted
+def save(path, tree, meta):
+    if meta['step'] == 6: os.kill(os.getpid(), signal.SIGINT)
+    orig(path, tree, meta)
+t.make_train_step, t.save_checkpoint = make_train_step, save
+"""
+# A hard kill just before the checkpoint of step 12, after the log was flushed past the last
+# checkpoint (saved every step by time here: step 11).
+HARD_KILL = """
+import os, signal
+import fractal_field._train as t
+orig = t.save_checkpoint
+def save(path, tree, meta):
+    if meta['step'] == 12: os.kill(os.getpid(), signal.SIGKILL)
+    orig(path, tree, meta)
+t.save_checkpoint = save
+"""
+
+
+def test_ctrl_c_and_hard_kill_resume_to_the_uninterrupted_run(tmp_path):
+    """`scripts/train.py` stopped by Ctrl-C (twice) exits cleanly after saving the last
+    completed step; then killed with SIGKILL, it resumes from its last time-based checkpoint
+    and reaches the parameters of an uninterrupted run, with each step logged once.
+
+    Every run is a fresh process, so all see the same float32 settings (the test process may
+    have float64 switched on by another test module).
     """
-    kill = (
-        "import os, signal\n"
-        "import fractal_field._train as t\n"
-        "orig = t.save_checkpoint\n"
-        "def save(path, tree, meta):\n"
-        "    orig(path, tree, meta)\n"
-        "    if meta['step'] == 8: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "t.save_checkpoint = save\n"
-    )
 
-    def run(workdir, prefix=""):
-        code = (
-            "import fractal_field as ff\n"
-            + prefix
-            + f"ff.train(ff.load_config({SMOKE!r}, ['epochs=2']), {str(workdir)!r})\n"
-        )
-        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
+    def run(workdir, prefix="", *overrides):
+        argv = ["train.py", "--config", SMOKE, "--workdir", str(workdir), "epochs=2", *overrides]
+        code = f"{prefix}\nimport runpy, sys\nsys.argv = {argv!r}\n"
+        code += "runpy.run_path('scripts/train.py', run_name='__main__')\n"
+        cmd = [sys.executable, "-c", code]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 
-    assert run(tmp_path / "run", kill).returncode != 0
-    meta = json.loads((tmp_path / "run/checkpoints/last.eqx.json").read_text())
-    assert meta["step"] == 8
-    assert run(tmp_path / "run").returncode == 0
+    def meta(workdir):
+        return json.loads((workdir / "checkpoints/last.eqx.json").read_text())
+
+    work = tmp_path / "run"
+    proc = run(work, CTRL_C)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "SIGINT received" in proc.stderr
+    assert "resumes from step 6" in proc.stdout and "stopped (SIGINT)" in proc.stdout
+    assert (meta(work)["step"], meta(work)["batch"]) == (6, 6)
+
+    every_step = ["checkpoint_every_steps=0", "checkpoint_every_secs=1e-9"]
+    proc = run(work, HARD_KILL, *every_step)
+    assert proc.returncode == -9 and "Resumed from" in proc.stdout, proc.stderr[-3000:]
+    assert meta(work)["step"] == 11  # by time: the step-count schedule would have given 8
+    assert max(r["step"] for r in _steps(work)) == 11  # step 12's row is in the log (0-based)
+
+    proc = run(work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: epoch 2 step 16, best test acc" in proc.stdout
+    assert [r["step"] for r in _steps(work)] == list(range(16))
+    evals = [json.loads(x) for x in (work / "eval.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [0, 1]
+
     assert run(tmp_path / "full").returncode == 0
-    resumed = ff.load_model(tmp_path / "run/checkpoints/last.eqx")
+    resumed = ff.load_model(work / "checkpoints/last.eqx")
     full = ff.load_model(tmp_path / "full/checkpoints/last.eqx")
-    assert json.loads((tmp_path / "run/checkpoints/last.eqx.json").read_text())["step"] == 16
+    assert meta(work)["step"] == 16
     for a, b in zip(_params(resumed), _params(full), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -172,16 +270,64 @@ def test_atomic_checkpoint_write_keeps_old_file(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
+def _one_line_error(excinfo):
+    """The error's message is one line and carries no chained exception."""
+    e = excinfo.value
+    assert "\n" not in str(e) and e.__cause__ is None, repr(e)
+    assert e.__context__ is None or e.__suppress_context__, repr(e)
+    assert "allow_pickle" not in str(e)
+
+
+def test_incompatible_or_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     config = ff.load_config(SMOKE, ["epochs=1"])
     ff.train(config, tmp_path, stop_after_steps=2)
     other = ff.load_config(SMOKE, ["epochs=1", "model.channels=6"])
     with pytest.raises(ValueError, match="different model config"):
         ff.train(other, tmp_path)
-    # A corrupt array file is reported as such.
-    (tmp_path / "checkpoints/last.eqx").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="incompatible config or corrupt"):
-        ff.load_model(tmp_path / "checkpoints/last.eqx")
+    last = tmp_path / "checkpoints/last.eqx"
+    good = last.read_bytes()
+    # The checkpoint's arrays do not fit the model its (edited) config builds.
+    meta_path = tmp_path / "checkpoints/last.eqx.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["model"]["channels"] = 6
+    (tmp_path / "edited.eqx").write_bytes(good)
+    (tmp_path / "edited.eqx.json").write_text(json.dumps(meta))
+    with pytest.raises(ff.CheckpointError, match=r"edited.eqx is incompatible: array 0 is") as e:
+        ff.load_model(tmp_path / "edited.eqx")
+    _one_line_error(e)
+    # A truncated array file, and a text file renamed `.eqx` (to resume from, and to load).
+    last.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ff.CheckpointError, match=r"last.eqx is corrupt: array \d+ cannot be read"):
+        ff.load_model(last)
+    last.write_text("not a checkpoint\n" * 100)
+    for load in (lambda: ff.train(config, tmp_path), lambda: ff.load_model(last)):
+        with pytest.raises(ff.CheckpointError, match="is corrupt: not an array file") as e:
+            load()
+        _one_line_error(e)
+    meta_path.unlink()
+    with pytest.raises(FileNotFoundError, match="last.eqx has no metadata file last.eqx.json"):
+        ff.load_model(last)
+
+
+@pytest.mark.parametrize(
+    "stored, like, match",
+    [
+        (
+            {"w": jnp.arange(4.0)},
+            {"w": jnp.zeros(5)},
+            r"array 0 is float32\[4\] on disk, float32\[5\]",
+        ),
+        ({"w": jnp.arange(4.0)}, {"w": jnp.zeros(4), "x": jnp.zeros(2)}, "ends after 1 arrays"),
+        ({"w": jnp.arange(4.0), "x": jnp.ones(2)}, {"w": jnp.zeros(4)}, "more than the 1 arrays"),
+    ],
+)
+def test_load_checkpoint_names_the_mismatch(tmp_path, stored, like, match):
+    path = tmp_path / "ck.eqx"
+    save_checkpoint(path, stored, {})
+    with pytest.raises(ff.CheckpointError, match=f"ck.eqx is incompatible.*{match}") as e:
+        ff.load_checkpoint(path, like)
+    _one_line_error(e)
+    assert e.value.kind == "incompatible"
 
 
 def test_missing_checkpoint_and_bad_override():

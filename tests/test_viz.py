@@ -102,8 +102,12 @@ def test_solver_comparison_and_residuals(problem, tmp_path):
     values = [np.asarray(s.value) for s in sols.values()]
     for v in values[1:]:
         np.testing.assert_allclose(v, values[0], atol=1e-3)
-    viz.plot_solver_comparison(cell, z0, solutions=sols, path=tmp_path / "solvers.png")
+    fig = viz.plot_solver_comparison(cell, z0, solutions=sols, path=tmp_path / "solvers.png")
     assert min(_png_size(tmp_path / "solvers.png")) > 200
+    # The curves plot the relative residual that the titles quote: each ends at its solve's.
+    (curves,) = [ax for ax in fig.axes if ax.get_ylabel().startswith("relative residual")]
+    for line, sol in zip(curves.get_lines(), sols.values(), strict=True):
+        np.testing.assert_allclose(line.get_ydata()[-1], sol.stats.relative_residual, rtol=1e-5)
     for x in ("step", "work"):
         viz.plot_residuals(sols, x=x, rtol=1e-5, path=tmp_path / f"res_{x}.png")
         assert min(_png_size(tmp_path / f"res_{x}.png")) > 100

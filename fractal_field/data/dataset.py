@@ -300,7 +300,7 @@ def load_dataset(
     - `split`: `"train"` or `"test"` (any folder name for `"folder"`).
     - `data_dir`: where to look; default: see [`candidate_data_dirs`][].
     - `source`: `"local"` (files only), `"tfds"` (`tensorflow_datasets`), or `"auto"` (local
-      files first, then tfds).
+      files first, then tfds; with an explicit `data_dir`, that directory only: no download).
     - `classes`, `channels`, `image_size`, `cache`, `cache_dir`: for image folders, see
       [`load_image_folder`][].
     - `mean`, `std`: override the normalisation constants (default: the dataset's own; 0.5
@@ -347,6 +347,17 @@ def load_dataset(
         if found is not None:
             origin, loader = found
             loaded = loader()
+        elif data_dir is not None:
+            # A directory the user named is the only place looked: no download fallback.
+            d = Path(data_dir).expanduser()
+            if not d.is_dir():
+                what = "does not exist" if not d.exists() else "is not a directory"
+                raise DataNotFoundError(f"The data directory {d} {what}.\n{HOW_TO_PROVIDE}")
+            places = "\n".join(f"  - {p}" for p in looked)
+            raise DataNotFoundError(
+                f"The data directory {d} holds no {name} '{split}' data. Looked for:\n"
+                f"{places}\n{HOW_TO_PROVIDE}"
+            )
     if loaded is None and source in ("auto", "tfds"):
         try:
             loaded = load_tfds(name, split, data_dir=tfds_data_dir)

@@ -25,8 +25,8 @@ HOW_TO_PROVIDE = (
     "  - pass `--data-dir DIR` to the scripts (or `data_dir=DIR` in Python);\n"
     f"  - set the environment variable {DATA_ENV_VAR}=DIR;\n"
     "  - put it under ./data or ../shared/data;\n"
-    "  - or, with internet access, use source='tfds' (or 'auto') so that tensorflow_datasets\n"
-    "    downloads it."
+    "  - or, with internet access, give no data directory (source='auto', the default) or\n"
+    "    use source='tfds', so that tensorflow_datasets downloads it."
 )
 
 

@@ -2,12 +2,18 @@
 
 `tensorflow_datasets` is imported lazily. We first try `tfds.data_source` (array_record
 files, no TensorFlow needed), then fall back to `tfds.load(..., batch_size=-1)`, which
-needs TensorFlow.
+needs TensorFlow. Data tfds has already prepared is used without a download; otherwise a
+download is only tried when the download server is reachable, so an offline machine fails
+at once (tfds itself retries for minutes).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import urllib.parse
+from pathlib import Path
 
 import numpy as np
 
@@ -61,6 +67,29 @@ def _from_tf_load(tfds, name: str, split: str, data_dir, download: bool):
     return np.asarray(images, np.uint8), np.asarray(labels, np.int32), names
 
 
+# Where tfds downloads each dataset from (a reachability probe before a download).
+_DOWNLOAD_HOSTS = {"mnist": "storage.googleapis.com", "cifar10": "www.cs.toronto.edu"}
+
+
+def _unreachable(name: str, timeout: float = 3.0) -> str | None:
+    """`None` if `name`'s download server (or the HTTPS proxy) accepts a connection, else why."""
+    proxy = os.environ.get("https_proxy") or os.environ.get("HTTPS_PROXY")
+    if proxy:
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = url.hostname or "", url.port or 80
+    else:
+        host, port = _DOWNLOAD_HOSTS.get(name, "storage.googleapis.com"), 443
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"cannot reach {host}:{port} ({type(e).__name__}: {e})"
+    return None
+
+
+def _tfds_root(data_dir) -> Path:
+    return Path(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
+
+
 def load_tfds(
     name: str,
     split: str,
@@ -75,15 +104,29 @@ def load_tfds(
     """
     tfds = _import_tfds()
     errors = []
-    for attempt in (_from_data_source, _from_tf_load):
+    # Already prepared data first (no network).
+    attempts = [(_from_data_source, False)]
+    if download:
+        offline = _unreachable(name)
+        if offline is None:
+            attempts += [(_from_data_source, True), (_from_tf_load, True)]
+        else:
+            errors.append(f"no download: {offline}")
+    else:
+        attempts.append((_from_tf_load, False))
+    root = _tfds_root(data_dir)
+    existed = root.exists()
+    for attempt, dl in attempts:
         try:
-            images, labels, names = attempt(tfds, name, split, data_dir, download)
+            images, labels, names = attempt(tfds, name, split, data_dir, dl)
         except Exception as e:  # reported below
-            errors.append(f"{attempt.__name__}: {type(e).__name__}: {e}")
+            errors.append(f"{attempt.__name__}(download={dl}): {type(e).__name__}: {e}")
             continue
         if images.ndim == 3:
             images = images[..., None]
         return images, labels, names
+    if not existed:
+        shutil.rmtree(root, ignore_errors=True)  # what a failed download left behind
     raise DataNotFoundError(
         f"tensorflow_datasets could not load {name!r} split {split!r}:\n    "
         + "\n    ".join(errors)

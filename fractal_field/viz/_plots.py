@@ -219,8 +219,8 @@ def plot_solver_comparison(
     """The same input solved by each solver, side by side.
 
     Top rows: the final field's channel `channel` (domain colouring and `|z|`, shared
-    scales), titled with steps, fine-grid work and relative residual. Bottom: the residual
-    of each solve against fine-grid work.
+    scales), titled with steps, fine-grid work and relative residual. Bottom: the relative
+    residual `||f(z) - z|| / ||f(z*)||` of each solve against fine-grid work.
 
     `model_or_fn`, `x`, `solvers`, `args`, `max_steps`, `rtol`, `atol`: as in
     `compare_solvers` (default solvers: Naive, Anderson, Multigrid). Pass `solutions`
@@ -264,10 +264,12 @@ def plot_solver_comparison(
     fig.colorbar(im, cax=host.inset_axes([0.05, 0.05, 0.2, 0.9])).ax.tick_params(labelsize=6)
     ax = fig.add_subplot(grid[2, :])
     for name in names:
+        # Relative to ||f(z*)|| of the returned value, as in the titles (equal at the last step).
         steps, r, wps = _trace_and_work(solutions[name])
+        r = r / _relative_norm(name, solutions[name], r, "fnorm")
         ax.semilogy(1.0 + steps * wps, r, ".-", ms=3, label=f"{name} ({wps:.2g} evals/step)")
     ax.set_xlabel("fine-grid map evaluations")
-    ax.set_ylabel("residual $\\|f(z) - z\\|$")
+    ax.set_ylabel("relative residual\n$\\|f(z) - z\\| / \\|f(z^*)\\|$", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     if title:
