@@ -28,7 +28,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         fixed_point=False,
     )
     c.batch_size = 256
-    c.train_steps = 30000
+    c.train_steps = 16000
     # Fraction of training contexts cut short (as at the start of a coded chunk).
     c.truncate = 0.05
     c.optim = dict(lr=3e-3, warmup=300, clip=1.0, final_lr_ratio=0.05)

@@ -13,7 +13,6 @@ from ._codec import (
     model_counts as model_counts,
     quantise as quantise,
     read_header as read_header,
-    round_to_storage as round_to_storage,
     step_counts as step_counts,
     stream_key as stream_key,
 )
@@ -33,6 +32,7 @@ from ._model import (
     master_size as master_size,
     with_iterations as with_iterations,
 )
+from ._quant import packed_bytes as packed_bytes, round_to_storage as round_to_storage
 from ._sample import reconstruct as reconstruct, sample as sample
 from ._storage import (
     load_key as load_key,

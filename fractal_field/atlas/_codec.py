@@ -22,6 +22,7 @@ from jaxtyping import Array, Float, Int
 
 from ._alphabet import from_ids, to_ids
 from ._model import AtlasMaster, master_config
+from ._quant import pack_leaf, round_to_storage, unpack_leaf
 
 MAGIC = b"FFATLAS\x00"
 VERSION = 1
@@ -36,22 +37,11 @@ class AtlasFormatError(ValueError):
     """A stream or key file that is corrupt, truncated or made with another master."""
 
 
-def round_to_storage(tree):
-    """Round every float leaf to float16 and back: the precision masters and keys are stored
-    in, so that encoder and decoder use identical numbers."""
-    return jax.tree_util.tree_map(
-        lambda x: (
-            jnp.asarray(x).astype(jnp.float16).astype(jnp.float32) if eqx.is_inexact_array(x) else x
-        ),
-        tree,
-    )
-
-
 def master_hash(master: AtlasMaster) -> bytes:
-    """16 bytes identifying the master's structure, run mode and (float16) weights."""
+    """16 bytes identifying the master's structure, run mode and stored weights."""
     h = hashlib.sha256(json.dumps(master_config(master), sort_keys=True).encode())
     for leaf in jax.tree_util.tree_leaves(eqx.filter(master, eqx.is_inexact_array)):
-        h.update(np.asarray(leaf, np.float16).tobytes())
+        h.update(np.asarray(unpack_leaf(pack_leaf(leaf)), np.float32).tobytes())
     return h.digest()[:16]
 
 
@@ -98,6 +88,23 @@ def _coordinates(n: int, chunks: int, length: int) -> np.ndarray:
     )
 
 
+def _rows(chunks: int) -> int:
+    """Batch rows for `chunks` pieces: the next power of two, so that books of different
+    lengths share compiled shapes (the extra rows are padding, never coded)."""
+    return 1 << (chunks - 1).bit_length()
+
+
+def _counts(master, key, hist, xs, t):
+    """`step_counts` at step `t` on a batch padded to `_rows` rows."""
+    c = master.context
+    rows = _rows(hist.shape[0])
+    ctx = np.full((rows, c), master.pad, np.int32)
+    ctx[: hist.shape[0]] = hist[:, t : t + c]
+    x = np.zeros(rows, np.float32)
+    x[: hist.shape[0]] = xs[:, t]
+    return np.asarray(step_counts(master, key, ctx, x))[: hist.shape[0]]
+
+
 def model_counts(master: AtlasMaster, key, ids: np.ndarray, chunks: int, length: int):
     """Frequencies for every position (chunk-major `(chunks, length, symbols)`) given the true
     symbols, in the coder's batch layout."""
@@ -110,7 +117,7 @@ def model_counts(master: AtlasMaster, key, ids: np.ndarray, chunks: int, length:
     xs = _coordinates(n, chunks, length)
     out = np.empty((chunks, length, master.num_symbols), np.int32)
     for t in range(length):
-        out[:, t] = np.asarray(step_counts(master, key, hist[:, t : t + c], xs[:, t]))
+        out[:, t] = _counts(master, key, hist, xs, t)
     return out, grid
 
 
@@ -154,7 +161,7 @@ def encode(master: AtlasMaster, key, data: bytes, *, return_stats: bool = False)
     escapes = np.frombuffer(data, np.uint8)[ids == master.escape].tobytes()
     chunks, length = layout(n)
     words = np.zeros(0, np.uint32)
-    bits = 0.0
+    bits, top1 = 0.0, 0.0
     if n:
         counts, grid = model_counts(master, key, ids, chunks, length)
         active = (np.arange(chunks * length).reshape(chunks, length) < n).T  # (length, chunks)
@@ -165,6 +172,7 @@ def encode(master: AtlasMaster, key, data: bytes, *, return_stats: bool = False)
         encoder.encode(symbols, family, freqs.astype(np.float64))
         words = encoder.get_compressed().astype(np.uint32)
         bits = ideal_bits(freqs, symbols)
+        top1 = float(np.mean(freqs.argmax(-1) == symbols))
     header = _HEADER.pack(
         MAGIC,
         VERSION,
@@ -178,7 +186,9 @@ def encode(master: AtlasMaster, key, data: bytes, *, return_stats: bool = False)
     body = header + np.asarray(key, np.float16).tobytes() + escapes + words.tobytes()
     blob = body + struct.pack("<I", zlib.crc32(body))
     if return_stats:
-        return blob, dict(ideal_bits=bits, stream_bits=32 * len(words), escapes=len(escapes))
+        return blob, dict(
+            ideal_bits=bits, stream_bits=32 * len(words), escapes=len(escapes), top1=top1
+        )
     return blob
 
 
@@ -233,7 +243,7 @@ def decode(master: AtlasMaster, blob: bytes) -> bytes:
     xs = _coordinates(n, chunks, length)
     pos = np.arange(chunks * length).reshape(chunks, length)
     for t in range(length):
-        counts = np.asarray(step_counts(master, key, hist[:, t : t + c], xs[:, t]))
+        counts = _counts(master, key, hist, xs, t)
         k = int((pos[:, t] < n).sum())
         hist[:k, c + t] = decoder.decode(family, counts[:k].astype(np.float64))
     ids = hist[:, c:].reshape(-1)[:n]

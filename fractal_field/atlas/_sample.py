@@ -8,7 +8,7 @@ import jax.random as jr
 import numpy as np
 
 from ._alphabet import from_ids
-from ._codec import _coordinates, layout, round_to_storage, step_counts
+from ._codec import _coordinates, _counts, layout, round_to_storage
 from ._model import AtlasMaster
 
 
@@ -22,7 +22,7 @@ def reconstruct(master: AtlasMaster, key, n: int) -> np.ndarray:
     hist = np.full((chunks, c + length), master.pad, np.int32)
     xs = _coordinates(n, chunks, length)
     for t in range(length):
-        counts = np.asarray(step_counts(master, key, hist[:, t : t + c], xs[:, t]))
+        counts = _counts(master, key, hist, xs, t)
         hist[:, c + t] = counts.argmax(-1)
     return hist[:, c:].reshape(-1)[:n]
 

@@ -16,23 +16,24 @@ import numpy as np
 from .._checkpoint import load_checkpoint, read_meta, save_checkpoint
 from ._codec import VERSION, AtlasFormatError, master_hash, round_to_storage
 from ._model import AtlasMaster, build_master, master_config
+from ._quant import pack_leaf, unpack_leaf
 
 KEY_MAGIC = b"FFATKEY\x00"
 _KEY_HEADER = struct.Struct("<8sH16sH")  # magic, version, master hash, key size
 
 
-def _half(tree):
-    return jax.tree_util.tree_map(
-        lambda x: jnp.asarray(x, jnp.float16) if eqx.is_inexact_array(x) else x, tree
-    )
+def _packed(master: AtlasMaster) -> list:
+    params = eqx.filter(master, eqx.is_inexact_array)
+    return [pack_leaf(x) for x in jax.tree_util.tree_leaves(params)]
 
 
 def save_master(path: str | os.PathLike, master: AtlasMaster, **meta) -> None:
-    """Store `master` in float16 (atomically), with its config and hash in `path.json`."""
+    """Store `master` (int8 matrices with per-row power-of-two scales, float16 vectors;
+    written atomically) with its config and hash in `path.json`."""
     master = round_to_storage(master)
     save_checkpoint(
         path,
-        _half(master),
+        _packed(master),
         dict(meta, atlas_master=master_config(master), master_hash=master_hash(master).hex()),
     )
 
@@ -42,8 +43,14 @@ def load_master(path: str | os.PathLike) -> AtlasMaster:
     meta = read_meta(path)
     if "atlas_master" not in meta:
         raise ValueError(f"{path} is not an Atlas master (no 'atlas_master' in its JSON).")
-    like = _half(build_master(meta["atlas_master"]))
-    master = round_to_storage(load_checkpoint(path, like))
+    like = build_master(meta["atlas_master"])
+    packed = load_checkpoint(path, _packed(like))
+    params, static = eqx.partition(like, eqx.is_inexact_array)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if len(leaves) != len(packed):
+        raise AtlasFormatError(f"Master {path} does not match its config (corrupt).")
+    params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(unpack_leaf(p)) for p in packed])
+    master = eqx.combine(params, static)
     if master_hash(master).hex() != meta.get("master_hash"):
         raise AtlasFormatError(f"Master {path} does not match the hash in its JSON (corrupt).")
     return master
