@@ -133,7 +133,14 @@ def _teacher_forced(master, key, data, *, batch=4096):
     """Per-position (bits, chars/s) of the float model on true contexts (no coder)."""
     ids = atlas.to_ids(master.alphabet, data)
     ctx, xs = _contexts(master, ids)
-    fn = jax.jit(lambda c, x: jax.nn.log_softmax(jax.vmap(master, in_axes=(0, 0, None))(c, x, key)))
+    # The master is an argument, not a closed-over constant (XLA would constant-fold it).
+    jitted = eqx.filter_jit(
+        lambda m, k, c, x: jax.nn.log_softmax(jax.vmap(m, in_axes=(0, 0, None))(c, x, k))
+    )
+
+    def fn(c, x):
+        return jitted(master, key, c, x)
+
     fn(ctx[:batch], xs[:batch]).block_until_ready()
     times = []
     for _ in range(3):  # median of three passes
@@ -188,7 +195,13 @@ def _figure(master, key, data, name, path, command):
     ctx, xs = _contexts(master, ids)
     steps = 2 * master.steps
     m = atlas.with_iterations(master, steps)
-    fn = jax.jit(lambda c, x: jax.nn.softmax(jax.vmap(m.iterates, in_axes=(0, 0, None))(c, x, key)))
+    jitted = eqx.filter_jit(
+        lambda m, k, c, x: jax.nn.softmax(jax.vmap(m.iterates, in_axes=(0, 0, None))(c, x, k))
+    )
+
+    def fn(c, x):
+        return jitted(m, key, c, x)
+
     p = np.concatenate(
         [np.asarray(fn(ctx[i : i + 2048], xs[i : i + 2048])) for i in range(0, len(ids), 2048)]
     )  # (n, steps, symbols)

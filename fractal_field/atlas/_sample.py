@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import jax
+import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -48,11 +48,11 @@ def sample(
     i0, i1 = int(start * length), max(int(start * length) + 1, int(end * length))
     ctx = [master.pad] * master.context
     out = []
-    logits_fn = jax.jit(lambda c, x: master(c, x, key))
+    logits_fn = eqx.filter_jit(lambda m, k, c, x: m(c, x, k))
     rng = jr.PRNGKey(seed)
     for i in range(i0, i1):
         c = jnp.asarray(ctx[len(ctx) - master.context :], jnp.int32)
-        logits = logits_fn(c, jnp.float32(i / length))
+        logits = logits_fn(master, key, c, jnp.float32(i / length))
         if temperature == 0:
             s = int(jnp.argmax(logits))
         else:
