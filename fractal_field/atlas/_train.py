@@ -18,16 +18,12 @@ import numpy as np
 import optax
 
 from .._checkpoint import load_checkpoint, read_meta, save_checkpoint
-from .._train import _Interrupt
+from .._train import _all_finite, _Interrupt, _plain
 from ._alphabet import build_alphabet
 from ._data import Corpus
 from ._model import AtlasMaster, master_config
 
 LN2 = math.log(2.0)
-
-
-def _plain(cfg) -> dict:
-    return cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
 
 
 def bits_per_char(master: AtlasMaster, keys, ctx, xs, book, y) -> jax.Array:
@@ -127,8 +123,7 @@ def train_master(
     train_step = make_step(optimizer, freeze_master=False)
 
     def save():
-        leaves = jax.tree_util.tree_leaves(eqx.filter((master, keys), eqx.is_inexact_array))
-        if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
+        if not bool(_all_finite(eqx.filter((master, keys), eqx.is_inexact_array))):
             raise FloatingPointError(f"Non-finite parameters at step {step}; not saving.")
         save_checkpoint(
             ckpt,
@@ -149,14 +144,20 @@ def train_master(
                 # The batch depends only on (seed, step): a resumed run sees the same data.
                 rng = np.random.default_rng([config.seed, step])
                 batch = corpus.batch(rng, config.batch_size, master.context, config.truncate)
+                # Only logged steps wait for the device (the others run ahead); a logged step
+                # starts from an idle device so that its time is its own.
+                logged = (step + 1) % config.log_every == 0 or step + 1 == config.train_steps
+                if logged:
+                    jax.block_until_ready((master, keys))
                 t0 = time.perf_counter()
                 master, keys, opt_state, bits = train_step(master, keys, opt_state, *batch)
-                bits = float(bits)
                 step += 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(bpc=f"{bits:.3f}")
-                if step % config.log_every == 0 or step == config.train_steps:
+                if logged:
+                    bits = float(bits)
+                    if bar is not None:
+                        bar.set_postfix(bpc=f"{bits:.3f}")
                     row = dict(step=step, bpc=bits, step_time=time.perf_counter() - t0)
                     log.write(json.dumps(row) + "\n")
                     log.flush()
