@@ -62,7 +62,14 @@ def test_every_notebook_is_in_the_site():
 
 
 @pytest.mark.parametrize(
-    "module", ["fractal_field", "fractal_field.data", "fractal_field.viz", "fractal_field.fractal"]
+    "module",
+    [
+        "fractal_field",
+        "fractal_field.data",
+        "fractal_field.viz",
+        "fractal_field.fractal",
+        "fractal_field.atlas",
+    ],
 )
 def test_api_reference_covers_every_public_name(module):
     mod = importlib.import_module(module)
