@@ -68,11 +68,12 @@ class KroneckerNet(eqx.Module):
       incoming state `x_u` by a learnt vector `q` of the receiving layer (initially zero, so
       gate 1). States of shape `(..., features)` get one gate per leading index (per token).
 
-    Layers take and return unbatched arrays; `vmap` the network over a batch. When all layers
-    share one structure and map the input's shape to itself, the layer calls of each depth
-    level (nodes whose inputs are all computed) run as one `vmap` over the stacked layers;
-    otherwise (or with `vectorise=False`) one by one, with clear errors when shapes do not
-    chain.
+    Layers take and return unbatched arrays; `vmap` the network over a batch. With
+    `vectorise=True` (default) the layer calls of one depth level (nodes whose inputs are all
+    computed) are grouped: the calls of one layer run as one `vmap` over their inputs, and
+    distinct layers of one structure (an untied graph) as one `vmap` over the stacked layers.
+    `vectorise=False` calls the layers one by one. Shapes that do not chain raise a
+    `ValueError` naming the node.
     """
 
     layers: tuple[tuple[PyTree, ...], ...]
@@ -183,9 +184,9 @@ class KroneckerNet(eqx.Module):
     # -- evaluation -----------------------------------------------------------------------
 
     def _pairs(self, order: int | None):
-        """The layer calls: arrays `(v, slot, layer, share)` (a call at node `v` adds `share`
-        times its output to state slot `(v, slot)`), the slots' weights in the output, and
-        each node's path names."""
+        """The layer calls, as arrays `(v, slot, layer, share)` in node order (a call at node
+        `v` adds `share` times its output to state slot `(v, slot)`), and the slots' weights in
+        the output."""
         factors = self._factors(order)
         offsets = np.cumsum([0] + [len(a) for a in self.adjacencies])
         digits = self.plan(order).digits
@@ -218,66 +219,59 @@ class KroneckerNet(eqx.Module):
 
     def __call__(self, x: PyTree, *, order: int | None = None, vectorise: bool = True) -> PyTree:
         """Run the graph at `order` (default: the network's own) on one unbatched input."""
-        flat = [layer for ls in self.layers for layer in ls]
         x = jnp.asarray(x)
-        if vectorise and _stackable(flat, x):
-            return self._run_levels(x, order, flat)
-        return self._run_nodes(x, order, flat)
-
-    def _gate(self, q, state):
-        if state.shape[-1] != q.shape[-1]:
-            raise ValueError(
-                f"edge_weights='dynamic' with features={q.shape[-1]} got a state of shape "
-                f"{state.shape}; its last axis must be the features."
-            )
-        return 2 * jax.nn.sigmoid(state @ q.astype(state.dtype))
-
-    def _run_nodes(self, x, order, flat):
         plan = self.plan(order)
         w = self.edge_matrix(order)
         labels = self.labels(order)
         pv, pr, pli, share, out_weights = self._pairs(order)
+        flat = [layer for ls in self.layers for layer in ls]
         names = [n for ns in self.names for n in ns]
         gates = None if self.gates is None else jnp.concatenate(self.gates)
+        level_of = np.zeros(len(plan.preds), np.int64)
+        for d, nodes in enumerate(plan.levels):
+            level_of[nodes] = d
+        if vectorise:
+            steps = [np.flatnonzero(level_of[pv] == d) for d in range(len(plan.levels))]
+        else:
+            steps = [np.array([i]) for i in range(len(pv))]
+        stack = vectorise and _same_structure(flat)
         states: dict[tuple[int, int], Array] = {}
-        for v, r, li, m in zip(pv, pr, pli, share, strict=True):
-            preds = plan.preds[v]
-            where = f"node {v} ('{labels[v]}')"
-            if not preds:
-                u = x
-            else:
-                srcs = [states[j, r] for j in preds]
-                if len({(s.shape, s.dtype) for s in srcs}) > 1:
-                    got = ", ".join(
-                        f"node {j}: {describe(s)}" for j, s in zip(preds, srcs, strict=True)
-                    )
-                    raise ValueError(
-                        f"{where}: the outputs summed into it have different shapes ({got})."
-                        " The layers' shapes do not chain."
-                    )
-                u = 0
-                for j, s in zip(preds, srcs, strict=True):
-                    c = w[v, j].astype(s.dtype)
-                    if gates is not None:
-                        c = c * self._gate(gates[li], s)[..., None]
-                    u = u + c * s
-            layer = flat[li]
-            try:
-                jax.eval_shape(layer, u)
-            except Exception as e:
-                raise ValueError(
-                    f"{where}: layer '{names[li]}' cannot take an input {describe(u)}; the "
-                    f"layers' shapes do not chain ({type(e).__name__}: {e})."
-                ) from e
-            y = m * layer(u)
-            if (v, r) in states:
-                if states[v, r].shape != y.shape:
-                    raise ValueError(
-                        f"{where}: its layers return different shapes "
-                        f"({describe(states[v, r])} and {describe(y)}); they cannot be merged."
-                    )
-                y = states[v, r] + y
-            states[v, r] = y
+        for sel in steps:
+            # Each call's input: the weighted sum of its path's states at the node's inputs.
+            inputs = {}
+            for i in sel:
+                v, r, li = pv[i], pr[i], pli[i]
+                where = f"node {v} ('{labels[v]}')"
+                inputs[i] = self._input(x, v, r, li, plan.preds[v], states, w, gates, where)
+                _check_call(flat[li], inputs[i], f"{where}: layer '{names[li]}'")
+            # Calls of one layer on inputs of one shape: one vmap over the inputs.
+            groups: dict[tuple, list[int]] = {}
+            for i in sel:
+                groups.setdefault((pli[i], inputs[i].shape, inputs[i].dtype), []).append(i)
+            outs = {}
+            singles = [g[0] for g in groups.values() if len(g) == 1]
+            if stack and len(singles) > 1 and len({inputs[i].shape for i in singles}) == 1:
+                # Distinct layers once each (untied graphs): one vmap over stacked layers.
+                ys = _stacked_call(flat, pli[singles], inputs, singles)
+                outs.update(dict(zip(singles, ys, strict=True)))
+                groups = {k: g for k, g in groups.items() if len(g) > 1}
+            for (li, _, _), g in groups.items():
+                if len(g) == 1:
+                    outs[g[0]] = flat[li](inputs[g[0]])
+                else:
+                    ys = jax.vmap(flat[li])(jnp.stack([inputs[i] for i in g]))
+                    outs.update({i: ys[k] for k, i in enumerate(g)})
+            for i in sel:
+                key, y = (pv[i], pr[i]), float(share[i]) * outs[i]
+                if key in states:
+                    if states[key].shape != y.shape:
+                        raise ValueError(
+                            f"node {pv[i]} ('{labels[pv[i]]}'): its layers return different "
+                            f"shapes ({describe(states[key])} and {describe(y)}); they cannot "
+                            "be merged."
+                        )
+                    y = states[key] + y
+                states[key] = y
         last = [states[len(plan.preds) - 1, r] for r in range(len(out_weights))]
         if len({s.shape for s in last}) > 1:
             raise ValueError(
@@ -286,62 +280,63 @@ class KroneckerNet(eqx.Module):
             )
         return sum(float(c) * s for c, s in zip(out_weights, last, strict=True))
 
-    def _run_levels(self, x, order, flat):
-        plan = self.plan(order)
-        pv, pr, pli, share, out_weights = self._pairs(order)
-        w = self.edge_matrix(order).astype(x.dtype)
-        params = [eqx.filter(layer, eqx.is_array) for layer in flat]
-        stacked = jtu.tree_map(lambda *a: jnp.stack(a), *params)
-        static = eqx.filter(flat[0], eqx.is_array, inverse=True)
-        gates = None if self.gates is None else jnp.concatenate(self.gates).astype(x.dtype)
-
-        def apply(p, u):
-            return eqx.combine(p, static)(u)
-
-        level_of = np.zeros(len(plan.preds), np.int64)
-        for d, nodes in enumerate(plan.levels):
-            level_of[nodes] = d
-        states = jnp.zeros((len(plan.preds), len(out_weights)) + x.shape, x.dtype)
-        for d in range(len(plan.levels)):
-            sel = np.flatnonzero(level_of[pv] == d)
-            n = len(sel)
-            v, r, li = pv[sel], pr[sel], pli[sel]
-            if d == 0:
-                u = jnp.broadcast_to(x, (n,) + x.shape)
-            else:
-                src = jnp.moveaxis(states[:, r], 1, 0)  # (n, V, ...)
-                c = w[v]  # (n, V)
-                if gates is not None:
-                    g = 2 * jax.nn.sigmoid(jnp.einsum("nu...f,nf->nu...", src, gates[li]))
-                    c = c[(...,) + (None,) * (g.ndim - 2)] * g
-                c = c[(...,) + (None,) * (src.ndim - c.ndim)]
-                u = jnp.sum(c * src, axis=1)
-            idx = jnp.asarray(li)
-            p_sel = jtu.tree_map(lambda a, idx=idx: a[idx], stacked)
-            out = jax.vmap(apply)(p_sel, u)
-            m = jnp.asarray(share[sel], x.dtype)[(...,) + (None,) * x.ndim]
-            states = states.at[v, r].add(m * out)
-        return jnp.tensordot(jnp.asarray(out_weights, x.dtype), states[-1], axes=1)
+    def _input(self, x, v, r, li, preds, states, w, gates, where):
+        if not preds:
+            return x
+        srcs = [states[j, r] for j in preds]
+        if len({(s.shape, s.dtype) for s in srcs}) > 1:
+            got = ", ".join(f"node {j}: {describe(s)}" for j, s in zip(preds, srcs, strict=True))
+            raise ValueError(
+                f"{where}: the outputs summed into it have different shapes ({got}). The "
+                "layers' shapes do not chain."
+            )
+        u = 0
+        for j, s in zip(preds, srcs, strict=True):
+            c = w[v, j].astype(s.dtype)
+            if gates is not None:
+                q = gates[li]
+                if s.shape[-1:] != q.shape:
+                    raise ValueError(
+                        f"{where}: edge_weights='dynamic' with features={q.shape[-1]} got a "
+                        f"state {describe(s)}; its last axis must be the features."
+                    )
+                c = c * (2 * jax.nn.sigmoid(s @ q.astype(s.dtype)))[..., None]
+            u = u + c * s
+        return u
 
 
-def _stackable(layers: Sequence[PyTree], x: Array) -> bool:
-    """Whether all layers share one structure and map `x`'s shape and dtype to itself."""
-    first = layers[0]
-    p0, s0 = eqx.partition(first, eqx.is_array)
+def _check_call(layer, u, where: str) -> None:
+    try:
+        jax.eval_shape(layer, u)
+    except Exception as e:
+        raise ValueError(
+            f"{where} cannot take an input {describe(u)}; the layers' shapes do not chain "
+            f"({type(e).__name__}: {e})."
+        ) from e
+
+
+def _stacked_call(flat, layer_ids, inputs, which):
+    params = [eqx.filter(flat[li], eqx.is_array) for li in layer_ids]
+    static = eqx.filter(flat[layer_ids[0]], eqx.is_array, inverse=True)
+    stacked = jtu.tree_map(lambda *a: jnp.stack(a), *params)
+    u = jnp.stack([inputs[i] for i in which])
+    ys = jax.vmap(lambda p, u: eqx.combine(p, static)(u))(stacked, u)
+    return [ys[k] for k in range(len(which))]
+
+
+def _same_structure(layers: Sequence[PyTree]) -> bool:
+    """Whether all layers share one structure (so they can be stacked and vmapped over)."""
+    p0, s0 = eqx.partition(layers[0], eqx.is_array)
     leaves0 = jtu.tree_leaves(p0)
     for layer in layers[1:]:
         p, s = eqx.partition(layer, eqx.is_array)
         if jtu.tree_structure(p) != jtu.tree_structure(p0):
             return False
+        leaves = jtu.tree_leaves(p)
         if any(
-            a.shape != b.shape or a.dtype != b.dtype
-            for a, b in zip(jtu.tree_leaves(p), leaves0, strict=True)
+            a.shape != b.shape or a.dtype != b.dtype for a, b in zip(leaves, leaves0, strict=True)
         ):
             return False
         if not eqx.tree_equal(s, s0):
             return False
-    try:
-        out = jax.eval_shape(first, x)
-    except Exception:
-        return False
-    return isinstance(out, jax.ShapeDtypeStruct) and out.shape == x.shape and out.dtype == x.dtype
+    return True
