@@ -311,3 +311,19 @@ def test_layers_that_do_not_chain():
     net = ff.KroneckerNet(A, [Layer(3, 3, key=k[0]), Layer(3, 2, key=k[1]), Layer(3, 3, key=k[2])])
     with pytest.raises(ValueError, match=r"node 1 \('ab'\): its layers return different"):
         shape(net, jnp.ones(3))
+
+
+def test_figures(tmp_path):
+    from matplotlib.patches import PathPatch
+
+    from fractal_field import viz
+
+    net = ff.KroneckerNet(A, layers(3), edge_weights="static")
+    fig = viz.plot_kron_graph(net, path=tmp_path / "graph.png")
+    arcs = [p for p in fig.axes[1].patches if isinstance(p, PathPatch)]
+    assert len(arcs) == 2 * (A2.sum() - 9)  # every edge of the square, once per path
+    assert (tmp_path / "graph.png").stat().st_size > 0
+    fig = viz.plot_edge_weights(net, order=3)
+    assert fig.axes[1].images[0].get_array().shape == (27, 27)
+    with pytest.raises(ValueError, match="no learnt edge weights"):
+        viz.plot_edge_weights(ff.KroneckerNet(A, layers(3)))

@@ -1,5 +1,5 @@
 """Visualising fractal fields: domain colouring, the crystallisation of the field over solver
-iterations, solver comparisons, animations and training curves.
+iterations, solver comparisons, animations and training curves; Kronecker layer graphs.
 
 ```python
 from fractal_field import viz
@@ -19,6 +19,7 @@ from ._colour import (
     domain_colouring as domain_colouring,
     magnitude_scale as magnitude_scale,
 )
+from ._kron import plot_edge_weights as plot_edge_weights, plot_kron_graph as plot_kron_graph
 from ._plots import (
     first_of_each_class as first_of_each_class,
     plot_evolution as plot_evolution,

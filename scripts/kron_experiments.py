@@ -1,0 +1,222 @@
+"""Kronecker fractal networks against equal-parameter baselines (`docs/kronecker.md`).
+
+Variants of a body of `N = 3` layers over the base graph `a -> b -> c` (with the skip
+`a -> c`):
+
+- `base`: the 3 layers once (order 1);
+- `square`: the Kronecker square, paths merged per node (same parameters, 15 layer calls);
+- `square_output`: the square with paths averaged at the output (= one path: 9 calls);
+- `repeated`: the base network applied 3 times in sequence (same parameters, 9 calls);
+- `untied`: the square's graph with 9 distinct layers (3x the body's parameters);
+- `square_static`: `square` with learnt static edge weights.
+
+`mnist`: flattened MNIST, `Linear(784, d)` -> body of `LayerNorm -> Linear(d, d) -> GELU`
+layers -> `LayerNorm -> Linear(d, 10)`; Adam, test accuracy on the 10k test images.
+
+`text`: a character-level transformer on the King James Bible (whole books held out for
+testing); blocks `x + attn(LN x)`, then `+ mlp(LN .)`, with equinox's `MultiheadAttention`;
+held-out bits per character, and orders 1-3 at inference for the square trained at order 2.
+
+Run: `python scripts/kron_experiments.py mnist --data-dir ../shared/data` (writes
+`benchmarks/results/kron_mnist.json`), `python scripts/kron_experiments.py text --data-dir
+../shared/data` (writes `benchmarks/results/kron_text.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import sys
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+
+import fractal_field as ff
+
+A = [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+VARIANTS = ("base", "square", "square_output", "repeated", "untied", "square_static")
+
+
+class Repeated(eqx.Module):
+    """`net` applied `times` times in sequence."""
+
+    net: ff.KroneckerNet
+    times: int = eqx.field(static=True)
+
+    def __call__(self, x, *, order=None):
+        for _ in range(self.times):
+            x = self.net(x, order=order)
+        return x
+
+
+def make_body(variant: str, make_layer, key):
+    """The body for `variant`, from `make_layer(key)`; call it as `body(x, order=...)`."""
+    if variant == "untied":
+        layers = [make_layer(k) for k in jr.split(key, 9)]
+        return ff.KroneckerNet(ff.kron_adjacency(A, 2), layers, order=1)
+    layers = [make_layer(k) for k in jr.split(key, 3)]
+    if variant == "base":
+        return ff.KroneckerNet(A, layers, order=1)
+    if variant == "repeated":
+        return Repeated(ff.KroneckerNet(A, layers, order=1), 3)
+    if variant == "square":
+        return ff.KroneckerNet(A, layers, order=2)
+    if variant == "square_output":
+        return ff.KroneckerNet(A, layers, order=2, merge="output")
+    if variant == "square_static":
+        return ff.KroneckerNet(A, layers, order=2, edge_weights="static")
+    raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}.")
+
+
+def _meta(argv) -> dict:
+    return {
+        "date": datetime.date.today().isoformat(),
+        "command": "python scripts/kron_experiments.py " + " ".join(argv),
+        "hardware": "2-core CPU",
+        "jax": jax.__version__,
+        "equinox": eqx.__version__,
+        "optax": optax.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# -- MNIST -----------------------------------------------------------------------------------
+
+
+class MLPLayer(eqx.Module):
+    norm: eqx.nn.LayerNorm
+    lin: eqx.nn.Linear
+
+    def __init__(self, d, *, key):
+        self.norm = eqx.nn.LayerNorm(d)
+        self.lin = eqx.nn.Linear(d, d, key=key)
+
+    def __call__(self, x):
+        return jax.nn.gelu(self.lin(self.norm(x)))
+
+
+class MLPClassifier(eqx.Module):
+    embed: eqx.nn.Linear
+    body: eqx.Module
+    norm: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, variant, d, *, key):
+        k1, k2, k3 = jr.split(key, 3)
+        self.embed = eqx.nn.Linear(784, d, key=k1)
+        self.body = make_body(variant, lambda k: MLPLayer(d, key=k), k2)
+        self.norm = eqx.nn.LayerNorm(d)
+        self.head = eqx.nn.Linear(d, 10, key=k3)
+
+    def __call__(self, x, *, order=None):
+        return self.head(self.norm(self.body(self.embed(x), order=order)))
+
+
+def run_mnist(args, variant, seed, data):
+    xtr, ytr, xte, yte = data
+    model = MLPClassifier(variant, args.d, key=jr.PRNGKey(seed))
+    opt = optax.adam(args.lr)
+    params, static = eqx.partition(model, eqx.is_array)
+    state = opt.init(params)
+
+    def loss_fn(params, x, y):
+        logits = jax.vmap(eqx.combine(params, static))(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @jax.jit
+    def step(params, state, x, y):
+        loss, g = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, state = opt.update(g, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    @jax.jit
+    def correct(params, x, y):
+        return jnp.sum(jnp.argmax(jax.vmap(eqx.combine(params, static))(x), -1) == y)
+
+    rng = np.random.default_rng(seed)
+    times, losses = [], []
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        idx = rng.integers(0, len(xtr), args.batch)
+        t = time.perf_counter()
+        params, state, loss = step(params, state, xtr[idx], ytr[idx])
+        loss = float(loss)
+        times.append(time.perf_counter() - t)
+        if i % 200 == 0 or i == args.steps - 1:
+            losses.append((i, loss))
+    train_s = time.perf_counter() - t0
+    hits = sum(
+        int(correct(params, xte[i : i + 1000], yte[i : i + 1000])) for i in range(0, len(xte), 1000)
+    )
+    body = eqx.combine(params, static).body
+    return {
+        "variant": variant,
+        "seed": seed,
+        "test_accuracy": hits / len(xte),
+        "params": ff.count_params(params),
+        "body_params": ff.count_params(body),
+        "step_ms_median": 1e3 * float(np.median(times[5:])),
+        "train_s": train_s,
+        "losses": losses,
+    }
+
+
+def mnist(args, argv):
+    from fractal_field.data import load_dataset
+
+    def load(split):
+        ds = load_dataset("mnist", split, data_dir=args.data_dir, source="local")
+        x = ds.images.reshape(len(ds), -1).astype(np.float32) / 255.0
+        return (x - 0.1307) / 0.3081, ds.labels
+
+    xtr, ytr = load("train")
+    xte, yte = load("test")
+    data = (jnp.asarray(xtr), jnp.asarray(ytr), jnp.asarray(xte), jnp.asarray(yte))
+    out = pathlib.Path(args.out or "benchmarks/results/kron_mnist.json")
+    result = {
+        **_meta(argv),
+        "task": "MNIST, flattened, MLP layers",
+        "d": args.d,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "runs": [],
+    }
+    for seed in args.seeds:
+        for variant in args.variants:
+            r = run_mnist(args, variant, seed, data)
+            print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+            result["runs"].append(r)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="task", required=True)
+    m = sub.add_parser("mnist")
+    m.add_argument("--data-dir", default="../shared/data")
+    m.add_argument("--d", type=int, default=64)
+    m.add_argument("--steps", type=int, default=1500)
+    m.add_argument("--batch", type=int, default=128)
+    m.add_argument("--lr", type=float, default=1e-3)
+    m.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    m.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    m.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.task == "mnist":
+        mnist(args, argv)
+
+
+if __name__ == "__main__":
+    main()
