@@ -17,6 +17,8 @@ layers -> `LayerNorm -> Linear(d, 10)`; Adam, test accuracy on the 10k test imag
 testing); blocks `x + attn(LN x)`, then `+ mlp(LN .)`, with equinox's `MultiheadAttention`;
 held-out bits per character, and orders 1-3 at inference for the square trained at order 2.
 
+`graph`: draws the square (`docs/kron_graph.png`).
+
 Run: `python scripts/kron_experiments.py mnist --data-dir ../shared/data` (writes
 `benchmarks/results/kron_mnist.json`), `python scripts/kron_experiments.py text --data-dir
 ../shared/data` (writes `benchmarks/results/kron_text.json`).
@@ -200,6 +202,162 @@ def mnist(args, argv):
     print(f"wrote {out}")
 
 
+# -- text ------------------------------------------------------------------------------------
+
+HELD_OUT = ("08_Ruth", "32_Jonah", "57_Philemon", "62_1_John", "65_Jude")
+
+
+class Block(eqx.Module):
+    """Pre-norm transformer block on `(tokens, d)`: causal self-attention, then a GELU MLP."""
+
+    ln1: eqx.nn.LayerNorm
+    attn: eqx.nn.MultiheadAttention
+    ln2: eqx.nn.LayerNorm
+    up: eqx.nn.Linear
+    down: eqx.nn.Linear
+
+    def __init__(self, d, heads, mlp, *, key):
+        k1, k2, k3 = jr.split(key, 3)
+        self.ln1 = eqx.nn.LayerNorm(d)
+        self.attn = eqx.nn.MultiheadAttention(heads, d, key=k1)
+        self.ln2 = eqx.nn.LayerNorm(d)
+        self.up = eqx.nn.Linear(d, mlp * d, key=k2)
+        self.down = eqx.nn.Linear(mlp * d, d, key=k3)
+
+    def __call__(self, x):
+        t = x.shape[0]
+        h = jax.vmap(self.ln1)(x)
+        x = x + self.attn(h, h, h, mask=jnp.tril(jnp.ones((t, t), bool)))
+        h = jax.vmap(self.ln2)(x)
+        return x + jax.vmap(self.down)(jax.nn.gelu(jax.vmap(self.up)(h)))
+
+
+class CharModel(eqx.Module):
+    embed: jax.Array
+    pos: jax.Array
+    body: eqx.Module
+    norm: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, variant, d, heads, mlp, context, *, key):
+        k1, k2, k3, k4 = jr.split(key, 4)
+        self.embed = 0.02 * jr.normal(k1, (256, d))
+        self.pos = 0.02 * jr.normal(k2, (context, d))
+        self.body = make_body(variant, lambda k: Block(d, heads, mlp, key=k), k3)
+        self.norm = eqx.nn.LayerNorm(d)
+        self.head = eqx.nn.Linear(d, 256, key=k4)
+
+    def __call__(self, tokens, *, order=None):
+        x = self.embed[tokens] + self.pos[: tokens.shape[0]]
+        return jax.vmap(self.head)(jax.vmap(self.norm)(self.body(x, order=order)))
+
+
+def load_kjv(data_dir):
+    root = pathlib.Path(data_dir) / "text" / "kjv"
+    files = sorted(root.glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"No KJV books (*.txt) under {root}.")
+    train, test = [], []
+    for f in files:
+        (test if f.stem in HELD_OUT else train).append(f.read_bytes())
+    if len(test) != len(HELD_OUT):
+        raise FileNotFoundError(f"Held-out books {HELD_OUT} not all found under {root}.")
+    cat = lambda parts: np.frombuffer(b"\n".join(parts), np.uint8).astype(np.int32)
+    return cat(train), cat(test)
+
+
+def run_text(args, variant, seed, data):
+    train, test = data
+    t = args.context
+    model = CharModel(variant, args.d, args.heads, args.mlp, t, key=jr.PRNGKey(seed))
+    sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.steps // 10, args.steps)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
+    params, static = eqx.partition(model, eqx.is_array)
+    state = opt.init(params)
+
+    def nll(params, windows, order=None):
+        m = eqx.combine(params, static)
+        logits = jax.vmap(lambda w: m(w[:-1], order=order))(windows)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+
+    @jax.jit
+    def step(params, state, windows):
+        loss, g = jax.value_and_grad(nll)(params, windows)
+        updates, state = opt.update(g, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    evaluate = jax.jit(nll, static_argnums=2)
+    starts = np.arange(0, len(test) - t - 1, t)
+    test_windows = np.stack([test[s : s + t + 1] for s in starts])
+
+    def bits_per_char(params, order=None):
+        chunks = [test_windows[i : i + 128] for i in range(0, len(test_windows), 128)]
+        total = sum(float(evaluate(params, c, order)) * len(c) for c in chunks)
+        return total / len(test_windows) / np.log(2)
+
+    rng = np.random.default_rng(seed)
+    times, losses = [], []
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        idx = rng.integers(0, len(train) - t - 1, args.batch)
+        windows = np.stack([train[s : s + t + 1] for s in idx])
+        t1 = time.perf_counter()
+        params, state, loss = step(params, state, windows)
+        loss = float(loss)
+        times.append(time.perf_counter() - t1)
+        if i % 100 == 0 or i == args.steps - 1:
+            losses.append((i, loss / np.log(2)))
+    train_s = time.perf_counter() - t0
+    model = eqx.combine(params, static)
+    out = {
+        "variant": variant,
+        "seed": seed,
+        "heldout_bits_per_char": bits_per_char(params),
+        "params": ff.count_params(params),
+        "body_params": ff.count_params(model.body),
+        "step_ms_median": 1e3 * float(np.median(times[5:])),
+        "train_s": train_s,
+        "train_bits_per_char": losses,
+    }
+    if variant.startswith("square"):
+        out["heldout_bits_per_char_by_order"] = {k: bits_per_char(params, k) for k in args.orders}
+    if variant == "square_static":
+        out["edge_weights"] = np.asarray(model.body.weights[0]).tolist()
+    return out, model
+
+
+def text(args, argv):
+    data = load_kjv(args.data_dir)
+    out = pathlib.Path(args.out or "benchmarks/results/kron_text.json")
+    result = {
+        **_meta(argv),
+        "task": "KJV characters (bytes), held-out books " + ", ".join(HELD_OUT),
+        "train_chars": int(len(data[0])),
+        "heldout_chars": int(len(data[1])),
+        **{k: getattr(args, k) for k in ("d", "heads", "mlp", "context", "steps", "batch", "lr")},
+        "runs": [],
+    }
+    for seed in args.seeds:
+        for variant in args.variants:
+            r, model = run_text(args, variant, seed, data)
+            print(
+                json.dumps({k: v for k, v in r.items() if k != "train_bits_per_char"}), flush=True
+            )
+            result["runs"].append(r)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+            if variant == "square_static" and args.figure:
+                from fractal_field import viz
+
+                viz.plot_edge_weights(
+                    model.body,
+                    title=f"learnt edge weights, KJV square, seed {seed} ({result['date']}, "
+                    "2-core CPU)",
+                    path=pathlib.Path(args.figure).with_suffix(f".seed{seed}.png"),
+                )
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -213,9 +371,37 @@ def main(argv=None):
     m.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     m.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     m.add_argument("--out", default=None)
+    t = sub.add_parser("text")
+    t.add_argument("--data-dir", default="../shared/data")
+    t.add_argument("--d", type=int, default=48)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--mlp", type=int, default=2)
+    t.add_argument("--context", type=int, default=64)
+    t.add_argument("--steps", type=int, default=600)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    t.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    t.add_argument("--orders", type=int, nargs="+", default=[1, 2, 3])
+    t.add_argument("--figure", default="docs/kron_edge_weights.png")
+    t.add_argument("--out", default=None)
+    g = sub.add_parser("graph", help="draw the square of the base graph")
+    g.add_argument("--out", default="docs/kron_graph.png")
     args = parser.parse_args(argv)
     if args.task == "mnist":
         mnist(args, argv)
+    elif args.task == "text":
+        text(args, argv)
+    else:
+        from fractal_field import viz
+
+        viz.plot_kron_graph(
+            ff.kron_adjacency(A, 2),
+            names=ff.kron_labels("abc", 2),
+            title="Kronecker square of a -> b -> c (with the skip a -> c)",
+            path=args.out,
+        )
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
