@@ -118,8 +118,9 @@ class KroneckerNet(eqx.Module):
             names = tuple(kron_labels(n, 1) for n in names)
             if [len(n) for n in names] != [len(m) for m in mats]:
                 raise ValueError(f"names {names} do not match the base sizes.")
-        order = len(mats) if order is None and len(mats) > 1 else (order or 2)
-        if order < 1:
+        if order is None:
+            order = len(mats) if len(mats) > 1 else 2
+        if not isinstance(order, (int, np.integer)) or order < 1:
             raise ValueError(f"KroneckerNet(order={order}) must be >= 1.")
         if edge_weights not in (None, "static", "dynamic"):
             raise ValueError(f"edge_weights={edge_weights!r} must be None, 'static' or 'dynamic'.")
@@ -151,6 +152,7 @@ class KroneckerNet(eqx.Module):
         return repeat_factors(range(len(self.adjacencies)), int(order))
 
     def plan(self, order: int | None = None):
+        """The graph at `order`: adjacency, each node's base digits, its depth levels."""
         return make_plan(tuple(self.adjacencies[b] for b in self._factors(order)))
 
     def adjacency(self, order: int | None = None) -> np.ndarray:
@@ -162,6 +164,7 @@ class KroneckerNet(eqx.Module):
         return tuple("".join(w) for w in self.path_names(order))
 
     def path_names(self, order: int | None = None) -> list[tuple[str, ...]]:
+        """Per node, the layer name each of its paths runs."""
         factors = self._factors(order)
         return [
             tuple(self.names[b][d] for b, d in zip(factors, digits, strict=True))

@@ -358,6 +358,45 @@ def text(args, argv):
     print(f"wrote {out}")
 
 
+def summary(result: dict) -> str:
+    """A markdown table: per variant, the metric's mean +- std over seeds, parameters, step."""
+    metric = "test_accuracy" if "test_accuracy" in result["runs"][0] else "heldout_bits_per_char"
+    scale, unit = (
+        (100, "test accuracy %") if metric == "test_accuracy" else (1, "held-out bits/char")
+    )
+    lines = [
+        f"{result['task']} ({result['date']}, {result['hardware']}): `{result['command']}`",
+        "",
+        f"| variant | seeds | {unit} | params (body) | step ms (median) |",
+        "|---|---|---|---|---|",
+    ]
+    variants = dict.fromkeys(r["variant"] for r in result["runs"])
+    for v in variants:
+        rs = [r for r in result["runs"] if r["variant"] == v]
+        x = scale * np.array([r[metric] for r in rs])
+        spread = f" ± {x.std(ddof=1):.2f}" if len(x) > 1 else ""
+        lines.append(
+            f"| {v} | {len(x)} | {x.mean():.2f}{spread} ({', '.join(f'{y:.2f}' for y in x)}) | "
+            f"{rs[0]['params']:,} ({rs[0]['body_params']:,}) | "
+            f"{np.median([r['step_ms_median'] for r in rs]):.1f} |"
+        )
+    by_order = [r for r in result["runs"] if "heldout_bits_per_char_by_order" in r]
+    if by_order:
+        lines += [
+            "",
+            "| variant (trained at order 2), seed | "
+            + " | ".join(f"order {k}" for k in by_order[0]["heldout_bits_per_char_by_order"])
+            + " |",
+        ]
+        lines.append("|---" * (1 + len(by_order[0]["heldout_bits_per_char_by_order"])) + "|")
+        for r in by_order:
+            vals = r["heldout_bits_per_char_by_order"].values()
+            lines.append(
+                f"| {r['variant']}, {r['seed']} | " + " | ".join(f"{x:.3f}" for x in vals) + " |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -385,6 +424,8 @@ def main(argv=None):
     t.add_argument("--orders", type=int, nargs="+", default=[1, 2, 3])
     t.add_argument("--figure", default="docs/kron_edge_weights.png")
     t.add_argument("--out", default=None)
+    r = sub.add_parser("summary", help="markdown tables (mean +- std over seeds) of results")
+    r.add_argument("files", nargs="+")
     g = sub.add_parser("graph", help="draw the square of the base graph")
     g.add_argument("--out", default="docs/kron_graph.png")
     args = parser.parse_args(argv)
@@ -392,6 +433,9 @@ def main(argv=None):
         mnist(args, argv)
     elif args.task == "text":
         text(args, argv)
+    elif args.task == "summary":
+        for f in args.files:
+            print(summary(json.loads(pathlib.Path(f).read_text())))
     else:
         from fractal_field import viz
 

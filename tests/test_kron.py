@@ -146,6 +146,10 @@ def test_bad_arguments():
         ff.KroneckerNet(A, layers(3), edge_weights="learnt")
     with pytest.raises(ValueError, match="features"):
         ff.KroneckerNet(A, layers(3), edge_weights="dynamic")
+    with pytest.raises(ValueError, match=r"KroneckerNet\(order=0\) must be >= 1"):
+        ff.KroneckerNet(A, layers(3), order=0)
+    with pytest.raises(ValueError, match="merge"):
+        ff.KroneckerNet(A, layers(3), merge="path")
     with pytest.raises(ValueError, match="order must be an integer"):
         ff.KroneckerNet(A, layers(3))(jnp.ones(D), order=0)
 
