@@ -69,11 +69,12 @@ class KroneckerNet(eqx.Module):
       gate 1). States of shape `(..., features)` get one gate per leading index (per token).
 
     Layers take and return unbatched arrays; `vmap` the network over a batch. With
-    `vectorise=True` (default) the layer calls of one depth level (nodes whose inputs are all
-    computed) are grouped: the calls of one layer run as one `vmap` over their inputs, and
-    distinct layers of one structure (an untied graph) as one `vmap` over the stacked layers.
-    `vectorise=False` calls the layers one by one. Shapes that do not chain raise a
-    `ValueError` naming the node.
+    `vectorise=True` the layer calls of one depth level (nodes whose inputs are all computed)
+    are grouped: the calls of one layer run as one `vmap` over their inputs, and distinct
+    layers of one structure (an untied graph) as one `vmap` over the stacked layers. The
+    default, `vectorise=False`, calls the layers one by one: under `jit` XLA sees the whole
+    graph either way, and on CPU the grouped form measured slower (`benchmarks/kron.py`).
+    Shapes that do not chain raise a `ValueError` naming the node.
     """
 
     layers: tuple[tuple[PyTree, ...], ...]
@@ -220,7 +221,7 @@ class KroneckerNet(eqx.Module):
             out_weights,
         )
 
-    def __call__(self, x: PyTree, *, order: int | None = None, vectorise: bool = True) -> PyTree:
+    def __call__(self, x: PyTree, *, order: int | None = None, vectorise: bool = False) -> PyTree:
         """Run the graph at `order` (default: the network's own) on one unbatched input."""
         x = jnp.asarray(x)
         plan = self.plan(order)

@@ -372,7 +372,7 @@ def summary(result: dict) -> str:
     ]
     variants = dict.fromkeys(r["variant"] for r in result["runs"])
     for v in variants:
-        rs = [r for r in result["runs"] if r["variant"] == v]
+        rs = sorted((r for r in result["runs"] if r["variant"] == v), key=lambda r: r["seed"])
         x = scale * np.array([r[metric] for r in rs])
         spread = f" ± {x.std(ddof=1):.2f}" if len(x) > 1 else ""
         lines.append(
@@ -434,8 +434,15 @@ def main(argv=None):
     elif args.task == "text":
         text(args, argv)
     elif args.task == "summary":
+        merged: dict[str, dict] = {}
         for f in args.files:
-            print(summary(json.loads(pathlib.Path(f).read_text())))
+            res = json.loads(pathlib.Path(f).read_text())
+            if res["task"] in merged:  # runs of one task split over files (e.g. by seed)
+                merged[res["task"]]["runs"] += res["runs"]
+                merged[res["task"]]["command"] += "`, `" + res["command"]
+            else:
+                merged[res["task"]] = res
+        print("\n\n".join(summary(res) for res in merged.values()))
     else:
         from fractal_field import viz
 
