@@ -358,6 +358,27 @@ def text(args, argv):
     print(f"wrote {out}")
 
 
+def edge_weight_figures(files, out):
+    """`viz.plot_edge_weights` of each `square_static` run recorded in `files`."""
+    from fractal_field import viz
+
+    for f in files:
+        res = json.loads(pathlib.Path(f).read_text())
+        for r in res["runs"]:
+            if "edge_weights" not in r:
+                continue
+            net = ff.KroneckerNet(A, [lambda x: x] * 3, edge_weights="static")
+            net = eqx.tree_at(lambda n: n.weights, net, (jnp.asarray(r["edge_weights"]),))
+            path = pathlib.Path(out).with_suffix(f".seed{r['seed']}.png")
+            viz.plot_edge_weights(
+                net,
+                title=f"learnt edge weights, {r['variant']}, seed {r['seed']} ({res['date']}, "
+                f"{res['hardware']}): {res['task'].split(',')[0]}",
+                path=path,
+            )
+            print(f"wrote {path}")
+
+
 def summary(result: dict) -> str:
     """A markdown table: per variant, the metric's mean +- std over seeds, parameters, step."""
     metric = "test_accuracy" if "test_accuracy" in result["runs"][0] else "heldout_bits_per_char"
@@ -426,6 +447,9 @@ def main(argv=None):
     t.add_argument("--out", default=None)
     r = sub.add_parser("summary", help="markdown tables (mean +- std over seeds) of results")
     r.add_argument("files", nargs="+")
+    e = sub.add_parser("edge-weights", help="figure of the learnt weights recorded in results")
+    e.add_argument("files", nargs="+")
+    e.add_argument("--out", default="docs/kron_edge_weights.png")
     g = sub.add_parser("graph", help="draw the square of the base graph")
     g.add_argument("--out", default="docs/kron_graph.png")
     args = parser.parse_args(argv)
@@ -443,6 +467,8 @@ def main(argv=None):
             else:
                 merged[res["task"]] = res
         print("\n\n".join(summary(res) for res in merged.values()))
+    elif args.task == "edge-weights":
+        edge_weight_figures(args.files, args.out)
     else:
         from fractal_field import viz
 
