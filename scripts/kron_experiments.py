@@ -31,6 +31,7 @@ import datetime
 import json
 import pathlib
 import platform
+import shlex
 import sys
 import time
 
@@ -81,7 +82,7 @@ def make_body(variant: str, make_layer, key):
 def _meta(argv) -> dict:
     return {
         "date": datetime.date.today().isoformat(),
-        "command": "python scripts/kron_experiments.py " + " ".join(argv),
+        "command": "python scripts/kron_experiments.py " + shlex.join(argv),
         "hardware": "2-core CPU",
         "jax": jax.__version__,
         "equinox": eqx.__version__,
