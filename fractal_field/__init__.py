@@ -37,6 +37,8 @@ from ._contraction import ContractiveToroidalConv as ContractiveToroidalConv
 from ._conv import ToroidalConv as ToroidalConv
 from ._fixed_point import fixed_point as fixed_point
 from ._jacobian import jacobian_penalty as jacobian_penalty
+from ._kron_graph import kron_adjacency as kron_adjacency, kron_labels as kron_labels
+from ._kron_net import KroneckerNet as KroneckerNet
 from ._model import (
     PRESETS as PRESETS,
     Encoder as Encoder,

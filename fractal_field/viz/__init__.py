@@ -1,6 +1,6 @@
 """Visualising fractal fields: domain colouring, the crystallisation of the field over solver
-iterations, solver comparisons, animations, training curves and measures of fractality (box
-counting, scale invariance, the segment graph, phase flow).
+iterations, solver comparisons, animations, training curves, measures of fractality (box
+counting, scale invariance, the segment graph, phase flow) and Kronecker layer graphs.
 
 ```python
 from fractal_field import viz
@@ -27,6 +27,7 @@ from ._fractal import (
     plot_segment_graph as plot_segment_graph,
     read_phase_flow as read_phase_flow,
 )
+from ._kron import plot_edge_weights as plot_edge_weights, plot_kron_graph as plot_kron_graph
 from ._plots import (
     first_of_each_class as first_of_each_class,
     plot_evolution as plot_evolution,
