@@ -24,6 +24,11 @@ SMOKE = str(ROOT / "configs" / "mnist_nano.py") + ":smoke"
 CIFAR_SMOKE = str(ROOT / "configs" / "cifar10_small.py") + ":smoke"
 
 
+def _xla_flags(flag: str) -> str:
+    """The session's XLA flags (see conftest.py) plus `flag`, for a subprocess."""
+    return f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
 def _params(model):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))]
 
@@ -375,7 +380,7 @@ def test_sharded_step_equals_single_device(tmp_path, spec, overrides):
     """MNIST's smoke config solves per sample; CIFAR's solves the batch in the planar layout
     (batch axis last, sharded over the devices) and has an encoder stem, readout dropout and
     the Jacobian penalty (the same random masks and probes on one device or four)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=_xla_flags("--xla_force_host_platform_device_count=4"))
     script = tmp_path / "shard.py"
     script.write_text(SHARD_CODE)
     proc = subprocess.run(
@@ -444,7 +449,9 @@ def test_multi_host_training_equals_single_process(tmp_path):
     script.write_text(MULTIHOST_CODE)
 
     def launch(pid, nproc, port, workdir, devices):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        env = dict(
+            os.environ, XLA_FLAGS=_xla_flags(f"--xla_force_host_platform_device_count={devices}")
+        )
         args = [sys.executable, str(script), str(pid), str(nproc), str(port), str(workdir), SMOKE]
         return subprocess.Popen(
             args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
