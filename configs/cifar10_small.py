@@ -14,7 +14,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     )
     # The `cifar_small` preset (64 complex field channels, 3x3 kernel, 4x4 readout with phase
     # features) with a 32-map ReLU stem in the encoder (142,410 real parameters), the batch
-    # solved as one problem in the planar layout. The 71.1% H100 run in the README predates the
+    # solved as one problem in the planar layout. The 71.1% H100 run in docs/results.md predates the
     # stem and the planar solve: `model.stem=0 model.batch_solve=per_sample model.channels=80`.
     c.model = dict(preset="cifar_small", stem=32, batch_solve="planar", max_steps=30, rtol=1e-3)
     c.solver = dict(name="anderson", history=5)
@@ -41,16 +41,17 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.checkpoint_every_steps = 2
     elif variant == "multiscale":
         # Three coupled tori (16x16, 8x8, 4x4), 40 complex channels each (154,946 real
-        # parameters): `ff.MultiScaleCell`. See the README for how it compares.
+        # parameters): `ff.MultiScaleCell`. See docs/results.md for how it compares.
         c.model = dict(c.model, scales=3, channels=40)
     elif variant == "expanded":
         # An expanded cell (`FractalCell(hidden=...)`, MDEQ's widen-activate-project block): 32
         # complex field channels widened to 96 through a CReLU at every step (145,386 real
-        # parameters). See the README for how it compares.
+        # parameters). See docs/results.md for how it compares.
         c.model = dict(c.model, channels=32, hidden=96, hidden_activation="crelu")
     elif variant == "cpu_short":
         # About an hour on a 2-core CPU: a training step takes ~3.7 s there (planar batch
-        # solve, stem), ~25 min per epoch with its evaluation; see the README for what it reached.
+        # solve, stem), ~25 min per epoch with its evaluation; docs/results.md has what it
+        # reached.
         c.epochs = 2
     elif variant:
         raise ValueError(

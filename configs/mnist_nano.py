@@ -52,7 +52,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     elif variant == "cpu_hour":
         # About an hour on a 2-core CPU: the batch solved as one problem in the planar layout
         # (1.4x faster training steps there, `benchmarks/batch_solve.py`) buys 12 epochs.
-        # See the README for what it reached.
+        # See docs/results.md for what it reached.
         c.model = dict(c.model, batch_solve="planar")
         c.epochs = 12
     elif variant:

@@ -1,4 +1,4 @@
-"""Test-session settings.
+"""Settings for the whole test run.
 
 The suite compiles hundreds of small XLA programs and runs each a few times, so on a CPU its
 time is mostly LLVM's optimisation of code that hardly runs. `--xla_backend_optimization_level=0`

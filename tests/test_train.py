@@ -25,7 +25,7 @@ CIFAR_SMOKE = str(ROOT / "configs" / "cifar10_small.py") + ":smoke"
 
 
 def _xla_flags(flag: str) -> str:
-    """The session's XLA flags (see conftest.py) plus `flag`, for a subprocess."""
+    """The XLA flags the tests run with (see conftest.py) plus `flag`, for a subprocess."""
     return f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
