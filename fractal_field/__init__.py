@@ -51,6 +51,13 @@ from ._planar import (
     from_planar as from_planar,
     to_planar as to_planar,
 )
+from ._quant import (
+    QuantisedArray as QuantisedArray,
+    contraction_report as contraction_report,
+    dequantise as dequantise,
+    model_nbytes as model_nbytes,
+    quantise as quantise,
+)
 from ._solution import RESULTS as RESULTS, Solution as Solution, Stats as Stats
 from ._solver import (
     AbstractFixedPointSolver as AbstractFixedPointSolver,
