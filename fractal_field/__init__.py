@@ -21,6 +21,11 @@ from ._adjoint import (
     UnrolledAdjoint as UnrolledAdjoint,
     backward_stats_probe as backward_stats_probe,
 )
+from ._anytime import (
+    AnytimeTrace as AnytimeTrace,
+    anytime_trace as anytime_trace,
+    solve_early_exit as solve_early_exit,
+)
 from ._cell import FractalCell as FractalCell
 from ._checkpoint import load_checkpoint as load_checkpoint, save_checkpoint as save_checkpoint
 from ._complex_opt import (
