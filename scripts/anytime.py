@@ -97,7 +97,7 @@ def figure(results: dict, path: Path, subtitle: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for (name, r), colour in zip(results["solvers"].items(), ("C0", "C1"), strict=False):
         acc = 100 * np.asarray(r["budget_accuracy"])
         ax.plot(r["budget_mean_steps"], acc, "-", color=colour, label=f"{name}: max steps 1..N")
@@ -122,7 +122,7 @@ def figure(results: dict, path: Path, subtitle: str) -> None:
     ax.set_ylim(max(0, ax.get_ylim()[0]), 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(f"Anytime inference, {results['checkpoint']}\n{subtitle}", fontsize=8)
+    ax.set_title(f"Anytime inference, {results['checkpoint']}\n{subtitle}", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -183,7 +183,7 @@ def main(argv=None) -> None:
         results["warm_start"][name] = warm_start(model, x, labels, solver, shifts, args.batch_size)
         out.write_text(json.dumps(results, indent=1))
     if args.figure:
-        subtitle = f"{n} MNIST test images, {results['date']}, 2-core CPU, {command}"
+        subtitle = f"{n} MNIST test images, {results['date']}, 2-core CPU\n{command}"
         figure(results, Path(args.figure), subtitle)
     print(f"wrote {out}" + (f" and {args.figure}" if args.figure else ""))
 
