@@ -22,6 +22,11 @@ from ._adjoint import (
     UnrolledAdjoint as UnrolledAdjoint,
     backward_stats_probe as backward_stats_probe,
 )
+from ._anytime import (
+    AnytimeTrace as AnytimeTrace,
+    anytime_trace as anytime_trace,
+    solve_early_exit as solve_early_exit,
+)
 from ._cell import FractalCell as FractalCell
 from ._checkpoint import (
     CheckpointError as CheckpointError,
@@ -35,6 +40,7 @@ from ._complex_opt import (
 from ._config import load_config as load_config
 from ._contraction import ContractiveToroidalConv as ContractiveToroidalConv
 from ._conv import ToroidalConv as ToroidalConv
+from ._export import export_classifier as export_classifier
 from ._fixed_point import fixed_point as fixed_point
 from ._jacobian import jacobian_penalty as jacobian_penalty
 from ._kron_graph import kron_adjacency as kron_adjacency, kron_labels as kron_labels
@@ -57,6 +63,13 @@ from ._planar import (
     PlanarSpectralOperator as PlanarSpectralOperator,
     from_planar as from_planar,
     to_planar as to_planar,
+)
+from ._quant import (
+    QuantisedArray as QuantisedArray,
+    contraction_report as contraction_report,
+    dequantise as dequantise,
+    model_nbytes as model_nbytes,
+    quantise as quantise,
 )
 from ._solution import RESULTS as RESULTS, Solution as Solution, Stats as Stats
 from ._solver import (
