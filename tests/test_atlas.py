@@ -28,9 +28,9 @@ TINY = dict(
 
 @pytest.fixture
 def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
+    # Restores the previous setting (another module may run with x64 on in this process).
+    with jax.enable_x64(True):
+        yield
 
 
 @pytest.fixture(scope="module")
