@@ -88,7 +88,8 @@ def iterate(
     if blocks < 1 or kernel.width % blocks:
         raise ValueError(f"blocks={blocks} must be >= 1 and divide the width {kernel.width}.")
     w = kernel.matrix()
-    h0 = jnp.zeros_like(u)
+    # The state takes the promoted dtype of the weights and the drive (float64 under x64).
+    h0 = jnp.zeros(u.shape, jnp.result_type(w, u, kernel.bias))
 
     def body(h, t):
         if blocks == 1:
