@@ -13,10 +13,7 @@ count, which is reported). Overhead of probing every N steps = probe / (N * step
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +25,7 @@ import jax.random as jr
 import numpy as np
 
 import fractal_field as ff
+from fractal_field._provenance import provenance
 from fractal_field._train import build_model, build_optimizer, make_train_step, synthetic_dataset
 
 HERE = Path(__file__).resolve().parent
@@ -74,17 +72,9 @@ def main(argv=None):
         fwd.append(f)
         probes.append(run_probe()[0])
     step_s, probe_s = float(np.median(steps)), float(np.median(probes))
-    given = sys.argv[1:] if argv is None else argv
     rec = json.loads(log.read_text().splitlines()[-1])
     out = dict(
-        date=datetime.date.today().isoformat(),
-        command=" ".join(["python benchmarks/fractal_probe.py", *given]),
-        hardware="2-core CPU"
-        if jax.devices()[0].platform == "cpu"
-        else jax.devices()[0].device_kind,
-        platform=platform.platform(),
-        jax=jax.__version__,
-        equinox=eqx.__version__,
+        **provenance("benchmarks/fractal_probe.py", argv),
         config=Path(args.config).name,
         batch=args.batch,
         segment=args.segment,

@@ -16,11 +16,8 @@ per channel and per class (occupied above the channel's mean), as the report doe
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +32,7 @@ import optax
 import fractal_field as ff
 from fractal_field import fractal
 from fractal_field._model import _pool_matrix
+from fractal_field._provenance import provenance
 from fractal_field._train import augment_options, build_optimizer, load_data
 from fractal_field.data import augment
 
@@ -184,16 +182,8 @@ def main(argv=None):
         n_maps=int(d.size),
         occupied_fraction=_nan(np.mean(h > h.mean((2, 3), keepdims=True))),
     )
-    given = sys.argv[1:] if argv is None else argv
     out = dict(
-        date=datetime.date.today().isoformat(),
-        command=" ".join(["python scripts/fractal_cnn_baseline.py", *given]),
-        hardware="2-core CPU"
-        if jax.devices()[0].platform == "cpu"
-        else jax.devices()[0].device_kind,
-        platform=platform.platform(),
-        jax=jax.__version__,
-        equinox=eqx.__version__,
+        **provenance("scripts/fractal_cnn_baseline.py", argv),
         params=int(n_params),
         epochs=args.epochs,
         steps=args.epochs * steps_per_epoch,

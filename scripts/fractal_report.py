@@ -23,11 +23,8 @@ Writes the numbers as JSON and figures (`summary.png`, `weights_dsi.png`, `weigh
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +37,7 @@ import numpy as np
 
 import fractal_field as ff
 from fractal_field import fractal, viz
+from fractal_field._provenance import provenance
 from fractal_field._train import build_model, synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,18 +243,9 @@ def main(argv=None):
     it_trained, res_trained = iteration_dimensions(model, x[pick], args.max_steps)
     it_fresh, res_fresh = iteration_dimensions(fresh, x[pick], args.max_steps)
 
-    given = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python scripts/fractal_report.py", *given])
-    today = datetime.date.today().isoformat()
+    source = provenance("scripts/fractal_report.py", argv)
     report = dict(
-        date=today,
-        command=command,
-        hardware="2-core CPU"
-        if jax.devices()[0].platform == "cpu"
-        else jax.devices()[0].device_kind,
-        platform=platform.platform(),
-        jax=jax.__version__,
-        equinox=eqx.__version__,
+        **source,
         checkpoint=Path(args.checkpoint).name,
         data=data_note,
         images=int(len(x)),
@@ -275,7 +264,7 @@ def main(argv=None):
                 ("initialised", it_fresh, res_fresh),
             )
         },
-        caption=f"{command} ({today}, 2-core CPU)",
+        caption=f"{source['command']} ({source['date']}, {source['hardware']})",
     )
 
     out = Path(args.figures)
