@@ -370,6 +370,7 @@ def _script():
     return mod
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch):
     from fractal_field.atlas import _train
 

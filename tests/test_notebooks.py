@@ -27,6 +27,7 @@ def test_notebooks_found():
     assert len(NOTEBOOKS) >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, monkeypatch):
     if path.name in NEEDS_MODEL and (why := _model_importable()):

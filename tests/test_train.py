@@ -86,6 +86,7 @@ def test_cifar_smoke_planar_training_loss_falls(tmp_path):
     assert summary["model"].batch_solve == "planar" and summary["model"].readout.dropout == 0.1
 
 
+@pytest.mark.slow
 def test_multiscale_training_checkpoints_and_reloads(tmp_path):
     """A multi-scale field (two coupled tori, the state a tuple of fields) trains through the
     same script path, and its checkpoint rebuilds the same model in one call."""
@@ -113,6 +114,7 @@ def test_multiscale_training_checkpoints_and_reloads(tmp_path):
     np.testing.assert_allclose(loaded.batched(x)[0], summary["model"].batched(x)[0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     config = ff.load_config(SMOKE, ["epochs=2"])
     full = ff.train(config, tmp_path / "full")
@@ -210,6 +212,7 @@ t.save_checkpoint = save
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_hard_kill_resume_to_the_uninterrupted_run(tmp_path):
     """`scripts/train.py` stopped by Ctrl-C (twice) exits cleanly after saving the last
     completed step; then killed with SIGKILL, it resumes from its last time-based checkpoint
@@ -372,6 +375,7 @@ print(json.dumps(dict(devices=jax.device_count(), diff=diff,
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec, overrides",
     [(SMOKE, []), (CIFAR_SMOKE, ["model.dropout=0.2", "jacobian_penalty=0.5"])],
@@ -442,6 +446,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_multi_host_training_equals_single_process(tmp_path):
     # Two processes with two CPU devices each (jax.distributed, gloo collectives) against one
     # process with four devices: the same global batches, so the same parameters and accuracy.
@@ -522,6 +527,7 @@ def test_config_models_stay_within_their_parameter_budget(spec, budget):
     assert 0.5 * budget < n < budget
 
 
+@pytest.mark.slow
 def test_sweep_trains_runs_side_by_side_and_summarises(tmp_path):
     """`scripts/sweep.py`: each run trains in its own process with its own overrides plus the
     shared ones; the summary holds each run's evaluations and parameter count."""
