@@ -11,7 +11,7 @@ import fractal_field as ff
 @pytest.mark.parametrize("solver", [ff.Naive(), ff.Anderson()])
 def test_exported_logits_equal_jax(solver):
     model = ff.make_model("tiny", key=jr.PRNGKey(0), solver=solver, max_steps=40)
-    x = np.asarray(jr.normal(jr.PRNGKey(1), (4, 1, 8, 8)))
+    x = np.asarray(jr.normal(jr.PRNGKey(1), (4, 1, 8, 8)), np.float32)  # the exported dtype
     exported = ff.export_classifier(model, x.shape)
     assert "stablehlo.while" in exported.mlir_module()  # the solve stays a loop
     loaded = jax.export.deserialize(exported.serialize())

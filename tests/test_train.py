@@ -321,12 +321,20 @@ def test_incompatible_or_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     "stored, like, match",
     [
         (
-            {"w": jnp.arange(4.0)},
-            {"w": jnp.zeros(5)},
+            {"w": jnp.arange(4.0, dtype=jnp.float32)},
+            {"w": jnp.zeros(5, jnp.float32)},
             r"array 0 is float32\[4\] on disk, float32\[5\]",
         ),
-        ({"w": jnp.arange(4.0)}, {"w": jnp.zeros(4), "x": jnp.zeros(2)}, "ends after 1 arrays"),
-        ({"w": jnp.arange(4.0), "x": jnp.ones(2)}, {"w": jnp.zeros(4)}, "more than the 1 arrays"),
+        (
+            {"w": jnp.arange(4.0, dtype=jnp.float32)},
+            {"w": jnp.zeros(4, jnp.float32), "x": jnp.zeros(2, jnp.float32)},
+            "ends after 1 arrays",
+        ),
+        (
+            {"w": jnp.arange(4.0, dtype=jnp.float32), "x": jnp.ones(2, jnp.float32)},
+            {"w": jnp.zeros(4, jnp.float32)},
+            "more than the 1 arrays",
+        ),
     ],
 )
 def test_load_checkpoint_names_the_mismatch(tmp_path, stored, like, match):
