@@ -29,6 +29,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.log_every = 50
     # > 0: add that multiple of the Jacobian penalty (`FieldClassifier.jacobian_penalty`).
     c.jacobian_penalty = 0.0
+    # > 0: cross-entropy against targets smoothed by this much (`optax.smooth_labels`).
+    c.label_smoothing = 0.0
+    # > 0: evaluate and keep a moving average of the parameters with this decay (e.g. 0.999).
+    c.ema = 0.0
     # > 0: every that many steps, log per-segment gradient norms and the loss to
     # `fractal.jsonl` in the workdir (`ff.fractal.log_phase_flow`; a phase-flow probe).
     c.fractal_probe_every = 0

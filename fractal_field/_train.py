@@ -181,16 +181,33 @@ def augment_options(spec) -> dict | None:
     return opts
 
 
-def make_train_step(optimizer, augment_data: bool | dict | None, jacobian_penalty: float = 0.0):
+def _check_unit_interval(name: str, value) -> float:
+    """`value` as a float in [0, 1), or a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r} must be a float in [0, 1).")
+    if not 0 <= value < 1:
+        raise ValueError(f"{name}={value} must be in [0, 1) (0 turns it off).")
+    return float(value)
+
+
+def make_train_step(
+    optimizer,
+    augment_data: bool | dict | None,
+    jacobian_penalty: float = 0.0,
+    label_smoothing: float = 0.0,
+):
     """A jitted `(key, model, opt_state, images, labels) -> (model, opt_state, metrics)`.
 
     `augment_data`: `None`/`False` (none), `True` (crop + flip) or `augment`'s keywords.
     `jacobian_penalty > 0` adds that multiple of `FieldClassifier.jacobian_penalty` (one probe)
     to the cross-entropy; the metrics then carry it as `jac` (`loss` stays the cross-entropy).
+    `label_smoothing` in [0, 1): the cross-entropy (and `loss`) is against targets
+    `(1 - label_smoothing) * one_hot + label_smoothing / num_classes` (`acc` is unchanged).
     """
     aug = augment_options(augment_data)
     if jacobian_penalty < 0:
         raise ValueError(f"jacobian_penalty={jacobian_penalty} must be >= 0.")
+    label_smoothing = _check_unit_interval("label_smoothing", label_smoothing)
 
     @eqx.filter_jit(donate="all-except-first")
     def train_step(key, model, opt_state, images, labels):
@@ -204,7 +221,12 @@ def make_train_step(optimizer, augment_data: bool | dict | None, jacobian_penalt
             m = eqx.combine(params, static)
             # Dropout's key is derived from the step's (augmentation keeps the key it had).
             logits, sol = _forward(m, x, probe, jr.fold_in(key, 1))
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            if label_smoothing:
+                targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+                targets = optax.smooth_labels(targets, label_smoothing)
+                loss = optax.softmax_cross_entropy(logits, targets).mean()
+            else:
+                loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             metrics = dict(_metrics(logits, labels, sol), loss=loss)
             if jacobian_penalty:
                 jac = m.jacobian_penalty(x, sol.value, key=jr.fold_in(key, 2))
@@ -228,6 +250,20 @@ def make_train_step(optimizer, augment_data: bool | dict | None, jacobian_penalt
         return model, opt_state, metrics
 
     return train_step
+
+
+@eqx.filter_jit
+def ema_update(ema, model, decay: float):
+    """One step of an exponential moving average of `model`'s parameters:
+    `decay * ema + (1 - decay) * params` for each inexact array (`ema` is
+    `eqx.filter(model, eqx.is_inexact_array)`-shaped; `ema_model` rebuilds a model from it)."""
+    params = eqx.filter(model, eqx.is_inexact_array)
+    return jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+
+
+def ema_model(ema, model):
+    """`model` with its parameters replaced by the moving averages `ema`."""
+    return eqx.combine(ema, eqx.filter(model, eqx.is_inexact_array, inverse=True))
 
 
 @eqx.filter_jit
@@ -420,8 +456,16 @@ def train(
     boundary on SIGINT (Ctrl-C) or SIGTERM, after saving `last`. Returns a summary dict;
     its `stopped` is `None` for a finished run, else `"stop_after_steps"` or the signal's
     name (`"SIGINT"`, `"SIGTERM"`).
+
+    `config.label_smoothing` in [0, 1) smooths the training targets (see `make_train_step`).
+    `config.ema` in [0, 1), if > 0, keeps an exponential moving average of the parameters
+    with that decay, updated after every step and saved in every checkpoint beside the model
+    and optimiser state; the evaluations (so `best`) and `load_model` then use the averaged
+    model, which the summary also returns as `ema_model`.
     """
     workdir = Path(workdir)
+    label_smoothing = _check_unit_interval("label_smoothing", config.get("label_smoothing", 0.0))
+    decay = _check_unit_interval("ema", config.get("ema", 0.0))
     ckdir = workdir / "checkpoints"
     if progress is None:
         progress = sys.stderr.isatty()
@@ -455,7 +499,17 @@ def train(
                 f"({meta['config'].get('model')}) than the one given ({config.model.to_dict()}). "
                 "Use a new --workdir or the original config."
             )
-        model, opt_state = load_checkpoint(last, (model, opt_state))
+        if bool(meta["config"].get("ema", 0.0)) != bool(decay):
+            raise ValueError(
+                f"The checkpoint in {ckdir} was trained with ema={meta['config'].get('ema', 0.0)} "
+                f"and cannot resume with ema={decay} (an average is kept only with ema > 0). "
+                "Use a new --workdir or the original setting."
+            )
+        if decay:
+            like = (model, opt_state, eqx.filter(model, eqx.is_inexact_array))
+            model, opt_state, ema = load_checkpoint(last, like)
+        else:
+            model, opt_state = load_checkpoint(last, (model, opt_state))
         state = {k: meta[k] for k in state}
         print(f"Resumed from {last} at epoch {state['epoch']} step {state['step']}.", flush=True)
     elif main:
@@ -473,8 +527,17 @@ def train(
     data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     model, opt_state = eqx.filter_shard((model, opt_state), replicated)
+    if not decay:
+        ema = None
+    elif not last.exists():
+        # A copy: the training step donates the model's buffers.
+        ema = jax.tree_util.tree_map(jnp.copy, eqx.filter(model, eqx.is_inexact_array))
+    ema = eqx.filter_shard(ema, replicated)
     train_step = make_train_step(
-        optimizer, config.data.get("augment", False), config.get("jacobian_penalty", 0.0)
+        optimizer,
+        config.data.get("augment", False),
+        config.get("jacobian_penalty", 0.0),
+        label_smoothing,
     )
     interrupt = _Interrupt()
     last_save = time.monotonic()
@@ -482,7 +545,7 @@ def train(
     def save(path, **extra):
         nonlocal last_save
         # Never replace a good checkpoint by a broken model.
-        if not bool(_all_finite(eqx.filter(model, eqx.is_inexact_array))):
+        if not bool(_all_finite(eqx.filter((model, ema), eqx.is_inexact_array))):
             raise FloatingPointError(
                 f"Parameters became non-finite by step {state['step']}; not saving {path.name} "
                 f"(the last good checkpoint stays in {ckdir})."
@@ -492,7 +555,7 @@ def train(
             try:
                 save_checkpoint(
                     path,
-                    (model, opt_state),
+                    (model, opt_state) if ema is None else (model, opt_state, ema),
                     _ckpt_meta(config, **state, num_params=count_params(model), **extra),
                 )
             finally:
@@ -571,6 +634,8 @@ def train(
                         out = workdir / "fractal.jsonl" if main else os.devnull
                         log_phase_flow(out, model, x, y, step=state["step"], epoch=epoch)
                     model, opt_state, m = train_step(step_key, model, opt_state, x, y)
+                    if ema is not None:
+                        ema = ema_update(ema, model, decay)
                     # Step time: between consecutive dispatches. In steady state the loop is
                     # paced by the device (asynchronous dispatch waits on the metrics read
                     # below; synchronous CPU execution returns when the step is done).
@@ -611,7 +676,7 @@ def train(
                     if interrupt.flag:
                         raise _Stop
                     ev = evaluate(
-                        model,
+                        model if ema is None else ema_model(ema, model),
                         test_ds,
                         batch_size=config.get("eval_batch_size", 500),
                         sharding=data_sharding,
@@ -661,7 +726,12 @@ def train(
             bar.close()
         log.close()
         eval_log.close()
-    summary.update(state=state, model=model, stopped=stopped)
+    summary.update(
+        state=state,
+        model=model,
+        ema_model=None if ema is None else ema_model(ema, model),
+        stopped=stopped,
+    )
     return summary
 
 
@@ -669,7 +739,8 @@ def load_model(path: str | os.PathLike, *, with_meta: bool = False):
     """Rebuild a trained model from a checkpoint written by `train` (one call).
 
     `path` is a `.eqx` checkpoint (with its `.json` beside it) or a training workdir (its best
-    checkpoint is used). Returns the model, or `(model, meta)` with `with_meta=True`.
+    checkpoint is used). Returns the model, or `(model, meta)` with `with_meta=True`; for a
+    run with `config.ema > 0`, the model with the averaged parameters (the one evaluated).
     """
     path = Path(path)
     if path.is_dir():
@@ -688,7 +759,12 @@ def load_model(path: str | os.PathLike, *, with_meta: bool = False):
     optimizer, _ = build_optimizer(config, 1)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     try:
-        model, _ = load_checkpoint(path, (model, opt_state))
+        if config.get("ema", 0.0):
+            like = (model, opt_state, eqx.filter(model, eqx.is_inexact_array))
+            model, _, ema = load_checkpoint(path, like)
+            model = ema_model(ema, model)
+        else:
+            model, _ = load_checkpoint(path, (model, opt_state))
     except CheckpointError as full:
         if full.kind == "corrupt":
             raise

@@ -56,6 +56,11 @@ def test_smoke_training_loss_falls(tmp_path):
     ckdir = tmp_path / "checkpoints"
     for name in ("last.eqx", "best.eqx", "epoch_000.eqx", "epoch_005.eqx"):
         assert (ckdir / name).exists() and (ckdir / (name + ".json")).exists()
+    # Without `ema` a checkpoint holds exactly the model and the optimiser state.
+    assert summary["ema_model"] is None
+    model = _train.build_model(config, key=jax.random.PRNGKey(0))
+    opt_state = _train.build_optimizer(config, 1)[0].init(eqx.filter(model, eqx.is_inexact_array))
+    ff.load_checkpoint(ckdir / "last.eqx", (model, opt_state))
     # One-call loading rebuilds the same model.
     loaded = ff.load_model(ckdir / "last.eqx")
     for a, b in zip(_params(loaded), _params(summary["model"]), strict=True):
@@ -145,6 +150,102 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     evals = [json.loads(x) for x in (tmp_path / "split/eval.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in evals] == [0, 1]
+
+
+def _inexact(model):
+    return [
+        np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
+    ]
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_label_smoothing_loss_is_the_smoothed_cross_entropy(smoothing):
+    config = ff.load_config(SMOKE)
+    model = _train.build_model(config, key=jax.random.PRNGKey(0))
+    optimizer, _ = _train.build_optimizer(config, 8)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    ds = _train.synthetic_dataset(16)
+    x, labels = np.asarray(ds.normalize(ds.images)), ds.labels
+    logits = np.asarray(eqx.filter_jit(lambda m, x: m.batched(x)[0])(model, x), np.float64)
+    # By hand: targets (1 - s) one_hot + s / K against the log-softmax.
+    k = logits.shape[-1]
+    targets = (1 - smoothing) * np.eye(k)[labels] + smoothing / k
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    expected = -(targets * logp).sum(-1).mean()
+    step = _train.make_train_step(optimizer, None, label_smoothing=smoothing)
+    _, _, metrics = step(jax.random.PRNGKey(1), model, opt_state, x, labels)
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    assert float(metrics["acc"]) == np.mean(logits.argmax(-1) == labels)
+
+
+def _record_params(monkeypatch) -> list:
+    """Record the parameters before the first training step and after each step."""
+    history = []
+    make = _train.make_train_step
+
+    def make_recording(*args, **kwargs):
+        step = make(*args, **kwargs)
+
+        def recorded(key, model, *rest):
+            if not history:
+                history.append(_inexact(model))  # before the step donates it
+            out = step(key, model, *rest)
+            history.append(_inexact(out[0]))
+            return out
+
+        return recorded
+
+    monkeypatch.setattr(_train, "make_train_step", make_recording)
+    return history
+
+
+def test_ema_is_the_recurrence_resumes_exactly_and_is_evaluated(tmp_path, monkeypatch):
+    decay = 0.5
+    config = ff.load_config(SMOKE, ["epochs=2", "data.train_size=128", f"ema={decay}"])
+    history = _record_params(monkeypatch)
+    full = ff.train(config, tmp_path / "full", progress=False)
+    assert len(history) == 1 + 8
+    ema = history[0]
+    for params in history[1:]:
+        ema = [decay * e + (1 - decay) * p for e, p in zip(ema, params, strict=True)]
+    got = _inexact(full["ema_model"])
+    for a, b in zip(got, ema, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not all(np.array_equal(a, b) for a, b in zip(got, history[-1], strict=True))
+    # The evaluations and `load_model` use the averaged model.
+    ev = [json.loads(x) for x in (tmp_path / "full/eval.jsonl").read_text().splitlines()]
+    test_ds = _train.load_data(config, "test")
+    assert ev[-1]["accuracy"] == ff.evaluate(full["ema_model"], test_ds, batch_size=64)["accuracy"]
+    for a, b in zip(
+        _inexact(ff.load_model(tmp_path / "full/checkpoints/last.eqx")), got, strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+    # Stopped mid-epoch and resumed: the same average as the uninterrupted run.
+    assert ff.train(config, tmp_path / "split", stop_after_steps=3)["stopped"] is not None
+    off = ff.load_config(SMOKE, ["epochs=2", "data.train_size=128"])
+    with pytest.raises(ValueError, match="trained with ema=0.5 and cannot resume with ema=0"):
+        ff.train(off, tmp_path / "split")
+    resumed = ff.train(config, tmp_path / "split", progress=False)
+    assert resumed["state"]["step"] == 8
+    for a, b in zip(_inexact(resumed["ema_model"]), got, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("ema=1.0", r"ema=1.0 must be in \[0, 1\)"),
+        ("ema=-0.1", r"ema=-0.1 must be in"),
+        ("label_smoothing=1.0", r"label_smoothing=1.0 must be in \[0, 1\)"),
+        ("label_smoothing=-0.2", r"label_smoothing=-0.2 must be in"),
+    ],
+)
+def test_bad_recipe_values_fail_at_once(tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        ff.train(ff.load_config(SMOKE, [override]), tmp_path / "work")
+    assert not (tmp_path / "work").exists()
 
 
 def test_bad_data_dir_fails_at_once_and_leaves_no_workdir(tmp_path, monkeypatch, capsys):
