@@ -52,6 +52,8 @@ def load_images(name: str, data_dir: str | None, image_size: int, channels: int)
     from fractal_field._train import synthetic_dataset
     from fractal_field.data import DataNotFoundError, load_dataset
 
+    if name == "synthetic":  # a model trained on a smoke config's generated images
+        return synthetic_dataset(200, image_size=image_size, channels=channels, seed=1)
     try:
         return load_dataset(name, "test", data_dir=data_dir, source="local")
     except (DataNotFoundError, FileNotFoundError) as e:

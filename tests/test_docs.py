@@ -110,3 +110,8 @@ def test_figure_titles_show_no_absolute_paths(tmp_path):
         shutil.copy(ROOT / "checkpoints" / ("mnist_nano.eqx" + suffix), str(ckpt) + suffix)
     _, _, note = _visualize_script().load_model_or_random(ckpt)
     assert note == "trained model mnist_nano.eqx"
+
+
+def test_visualize_accepts_models_trained_on_synthetic_data():
+    ds = _visualize_script().load_images("synthetic", None, image_size=8, channels=1)
+    assert len(ds) == 200 and ds.image_shape == (1, 8, 8)
