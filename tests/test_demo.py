@@ -1,0 +1,380 @@
+"""The web demo (`scripts/demo.py`): preparing drawings and uploads as MNIST digits, the
+solves behind it, and the app itself in a real (headless Chromium) browser.
+
+`python tests/test_demo.py --screenshot docs/images/demo.png` starts the app, draws a digit
+in the browser, classifies it and saves a screenshot of the page.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import fractal_field as ff
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _load_demo():
+    spec = importlib.util.spec_from_file_location("ff_demo_script", ROOT / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load_demo()
+DIGITS = demo.example_images()
+SEVEN = DIGITS["test image 0 (label 7)"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparing inputs
+
+
+def _canvas(digit: np.ndarray, *, at=(40, 60), scale=6, size=280, mode="white") -> np.ndarray:
+    """`digit` (white on black, uint8) drawn dark on a `size` canvas as RGBA, offset `at`:
+    `mode="white"` an opaque white background, `"transparent"` a transparent one,
+    `"black"` white strokes on an opaque black background."""
+    big = np.kron(digit, np.ones((scale, scale), np.uint8))
+    ink = np.zeros((size, size), np.uint8)
+    ink[at[0] : at[0] + big.shape[0], at[1] : at[1] + big.shape[1]] = big
+    rgba = np.zeros((size, size, 4), np.uint8)
+    if mode == "white":
+        rgba[..., :3] = (255 - ink)[..., None]
+        rgba[..., 3] = 255
+    elif mode == "transparent":  # black strokes, opacity = ink
+        rgba[..., 3] = ink
+    else:
+        rgba[..., :3] = ink[..., None]
+        rgba[..., 3] = 255
+    return rgba
+
+
+def _centre_of_mass(image: np.ndarray) -> tuple[float, float]:
+    m = image.astype(np.float64)
+    ys, xs = np.indices(m.shape)
+    return float((m * ys).sum() / m.sum()), float((m * xs).sum() / m.sum())
+
+
+@pytest.mark.parametrize("mode", ["white", "transparent", "black"])
+def test_prepare_drawing_mnist_layout(mode):
+    out = demo.prepare_drawing({"composite": _canvas(SEVEN, mode=mode), "layers": []})
+    assert out.shape == (28, 28) and out.dtype == np.uint8
+    assert out.max() == 255 and out[0].max() == out[-1].max() == 0  # white on black
+    rows = np.flatnonzero((out > 0.1 * 255).any(1))
+    cols = np.flatnonzero((out > 0.1 * 255).any(0))
+    assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 in (19, 20, 21)  # the 20x20 box
+    cy, cx = _centre_of_mass(out)
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5  # centred by mass (to a pixel), as MNIST
+
+
+def test_prepare_drawing_invariances():
+    """Where a digit is drawn, and whether dark on light, light on dark or on a transparent
+    canvas, does not change what the model sees."""
+    ref = demo.prepare_drawing(_canvas(SEVEN))
+    np.testing.assert_array_equal(demo.prepare_drawing(_canvas(SEVEN, at=(100, 5))), ref)
+    np.testing.assert_array_equal(demo.prepare_drawing(_canvas(SEVEN, mode="black")), ref)
+    np.testing.assert_array_equal(demo.prepare_drawing(_canvas(SEVEN, mode="transparent")), ref)
+    # and the digit is the MNIST one, laid out again
+    assert np.corrcoef(ref.ravel(), SEVEN.ravel())[0, 1] > 0.9
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        {"composite": None, "layers": []},
+        np.full((280, 280, 4), 255, np.uint8),  # white canvas
+        np.zeros((280, 280, 4), np.uint8),  # transparent canvas
+        np.full((50, 50), 0.3),  # one flat grey
+    ],
+    ids=["none", "no-composite", "white", "transparent", "flat-grey"],
+)
+def test_prepare_drawing_empty(value):
+    with pytest.raises(demo.InputError, match="empty"):
+        demo.prepare_drawing(value)
+
+
+def test_prepare_drawing_not_an_image():
+    with pytest.raises(demo.InputError, match=r"shape \(3, 4, 5, 6\)"):
+        demo.prepare_drawing(np.zeros((3, 4, 5, 6)))
+
+
+def test_prepare_upload_mnist_digit(tmp_path):
+    """A 28x28 MNIST digit is taken as it is; dark on light (RGB) it is inverted back."""
+    path = tmp_path / "seven.png"
+    Image.fromarray(SEVEN).save(path)
+    np.testing.assert_array_equal(demo.prepare_upload(path), SEVEN)
+    Image.fromarray(np.stack([255 - SEVEN] * 3, -1)).save(path)
+    np.testing.assert_array_equal(demo.prepare_upload(path), SEVEN)
+    big = tmp_path / "big.png"
+    Image.fromarray(_canvas(SEVEN)).save(big)
+    np.testing.assert_array_equal(demo.prepare_upload(big), demo.prepare_drawing(_canvas(SEVEN)))
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("none", None, "No file uploaded"),
+        ("notes.txt", b"not an image", "is not an image file"),
+        ("truncated.png", b"\x89PNG\r\n\x1a\n\x00\x00", "is not an image file"),
+        ("small.png", (16, 20), r"is 20x16 pixels: upload a 28x28"),
+        ("huge.png", (30, 5000), r"is 5000x30 pixels: images up to 4096"),
+        ("blank.png", (64, 64), "empty"),
+    ],
+)
+def test_prepare_upload_bad_input(tmp_path, name, content, match):
+    path = None
+    if content is not None:
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            Image.fromarray(np.full(content, 255, np.uint8)).save(path)
+    with pytest.raises(demo.InputError, match=match):
+        demo.prepare_upload(path)
+
+
+def test_example_images_shipped():
+    """One MNIST test image of each class ships with the demo (no download)."""
+    labels = sorted(int(name[-2]) for name in DIGITS)
+    assert labels == list(range(10))
+    assert all(x.shape == (28, 28) and x.dtype == np.uint8 for x in DIGITS.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# The solves
+
+
+@pytest.fixture(scope="module")
+def field_demo():
+    return demo.FieldDemo(ff.load_model(ROOT / "checkpoints" / "mnist_nano.eqx"), max_budget=40)
+
+
+@pytest.mark.parametrize("solver, budget", [("Naive", 3), ("Naive", 40), ("Multigrid", 2)])
+def test_budget_equals_a_solve_with_max_steps(field_demo, solver, budget):
+    """A budget read off the recorded solve equals solving with `max_steps=budget`."""
+    run = field_demo.run(SEVEN, solver, budget)
+    x = demo.normalize(SEVEN[None, :, :, None], demo.MNIST_MEAN, demo.MNIST_STD)[0]
+    model = field_demo.model
+    logits, sol = model(x, solver=field_demo.solvers[solver], max_steps=budget)
+    np.testing.assert_allclose(run.probabilities, jax.nn.softmax(logits), atol=1e-5)
+    assert run.steps == int(sol.stats.num_steps)
+    assert run.converged == bool(sol.result == ff.RESULTS.successful)
+    assert run.trajectory.shape[0] == run.residuals.shape[0] == run.steps + 1
+    assert run.residuals[-1] == pytest.approx(float(sol.stats.residual), rel=1e-4)
+    if budget == 40:  # Naive converges within 40 steps on this digit, to the right class
+        assert run.converged and run.steps < budget and run.prediction == 7
+        assert "converged" in demo.summary(run)
+    else:
+        assert not run.converged and run.steps == budget
+        assert "stopped by the budget" in demo.summary(run)
+
+
+@pytest.mark.parametrize(
+    "image, solver, budget, match",
+    [
+        (SEVEN[:20], "Naive", 3, r"uint8 \(28, 28\)"),
+        (SEVEN.astype(np.float32), "Naive", 3, r"uint8 \(28, 28\)"),
+        (SEVEN, "Broyden", 3, "Unknown solver 'Broyden'"),
+        (SEVEN, "Naive", 0, r"budget must be a whole number of steps in 1..40"),
+        (SEVEN, "Naive", 41, r"in 1..40"),
+        (SEVEN, "Naive", 2.5, r"in 1..40"),
+    ],
+)
+def test_run_bad_arguments(field_demo, image, solver, budget, match):
+    with pytest.raises(demo.InputError, match=match):
+        field_demo.run(image, solver, budget)
+
+
+def test_field_demo_needs_a_digit_classifier():
+    with pytest.raises(TypeError, match="Expected a FieldClassifier"):
+        demo.FieldDemo(object())
+    model = ff.make_model("nano", in_channels=3, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="1 input channel and 10 classes, got 3 and 10"):
+        demo.FieldDemo(model)
+
+
+def test_pictures(field_demo, tmp_path):
+    run = field_demo.run(SEVEN, "Naive", 3)
+    pics = demo.pictures(run, tmp_path)
+    np.testing.assert_array_equal(pics["input"][::8, ::8], SEVEN)
+    with Image.open(pics["animation"]) as gif:
+        assert gif.n_frames == run.steps + 1  # one frame per iterate z_0 .. z_3
+    for key in ("evolution", "residual"):
+        assert pics[key].ndim == 3 and pics[key].shape[-1] == 3 and pics[key].std() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The app in a browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(*args: str, timeout: float = 240.0):
+    """Start `scripts/demo.py` on a free localhost port; yields its URL; always stops it."""
+    port = _free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT))
+    log = ROOT / ".pytest_cache" / f"demo-{port}.log"
+    log.parent.mkdir(exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "scripts" / "demo.py"), "--port", str(port), *args]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"The demo exited ({proc.returncode}):\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"The demo did not answer in {timeout} s:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def browser_page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            yield browser.new_page(viewport={"width": 1400, "height": 1000})
+        finally:
+            browser.close()
+
+
+def _status(page, text: str, timeout_ms: int = 180_000) -> str:
+    page.wait_for_function(
+        "t => document.querySelector('#status').innerText.includes(t)",
+        arg=text,
+        timeout=timeout_ms,
+    )
+    return page.locator("#status").inner_text()
+
+
+def _draw_seven(page) -> None:
+    """Select the brush and draw a 7 with the mouse: a bar, then a diagonal down."""
+    page.locator("#sketch button[aria-label='Brush']").click()
+    box = page.locator("#sketch canvas").last.bounding_box()
+
+    def at(u, v):
+        return box["x"] + u * box["width"], box["y"] + v * box["height"]
+
+    page.mouse.move(*at(0.3, 0.25))
+    page.mouse.down()
+    page.mouse.move(*at(0.7, 0.25), steps=15)
+    page.mouse.move(*at(0.45, 0.8), steps=15)
+    page.mouse.up()
+
+
+def _loaded_images(page, selector: str) -> int:
+    """How many `<img>` under `selector` have loaded (a positive natural width)."""
+    return page.eval_on_selector_all(
+        f"{selector} img", "els => els.filter(e => e.complete && e.naturalWidth > 0).length"
+    )
+
+
+def _top_class(page) -> str:
+    """The class `gr.Label` shows in its heading (the first line that is a class name)."""
+    lines = [t.strip() for t in page.locator("#probs").inner_text().split("\n")]
+    return next(t for t in lines if t in demo.MNIST_CLASSES)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_demo_in_browser():
+    """Empty canvas -> a message; a drawn 7 -> its class probabilities and the field's frames;
+    a test image picked from the list -> its class; another solver -> solved again."""
+    with running_app("--max-budget", "30") as url, browser_page() as page:
+        page.goto(url, timeout=120_000)
+        page.wait_for_selector("#sketch canvas", timeout=120_000)
+
+        page.locator("#classify-drawing").click()
+        assert "The canvas is empty" in _status(page, "Cannot classify")
+        assert "Traceback" not in page.content()
+
+        _draw_seven(page)
+        page.locator("#classify-drawing").click()
+        status = _status(page, "Prediction")
+        assert "Prediction: 7" in status and "Anderson solver" in status
+        assert _top_class(page) == "7"
+        assert page.locator("#probs").inner_text().count("%") == 10  # all ten classes shown
+        for frames in ("#model-input", "#animation", "#evolution", "#residual"):
+            page.wait_for_function(
+                "s => [...document.querySelectorAll(s + ' img')].some(e => e.naturalWidth > 0)",
+                arg=frames,
+                timeout=60_000,
+            )
+            assert _loaded_images(page, frames) >= 1, frames
+
+        page.get_by_role("tab", name="Test image").click()
+        page.locator("#pick input").click()
+        page.get_by_role("option", name="test image 1 (label 2)").click()
+        assert "Prediction: 2" in _status(page, "Prediction: 2")
+        assert _top_class(page) == "2"
+
+        page.locator("#solver").get_by_text("Multigrid").click()
+        assert "Prediction: 2" in _status(page, "Multigrid solver")
+
+
+def _screenshot(path: str) -> None:
+    with running_app() as url, browser_page() as page:
+        page.goto(url, timeout=120_000)
+        page.wait_for_selector("#sketch canvas", timeout=120_000)
+        _draw_seven(page)
+        page.locator("#classify-drawing").click()
+        _status(page, "Prediction")
+        page.wait_for_timeout(3000)
+        page.screenshot(path=path, full_page=True)
+    print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Screenshot of the web demo.")
+    parser.add_argument("--screenshot", required=True, help="PNG file to write")
+    _screenshot(parser.parse_args().screenshot)
