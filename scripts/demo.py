@@ -276,11 +276,13 @@ class FieldDemo:
         traj, res, sol = viz.model_trajectory(
             self.model, x, solver=self.solvers[solver], max_steps=self.max_budget
         )
-        step_logits, final = _readouts(self.model, jnp.asarray(traj), sol.value)
+        # Padded to one length, so that the readout compiles once.
+        pad = np.zeros((self.max_budget + 1 - len(traj), *traj.shape[1:]), traj.dtype)
+        step_logits, final = _readouts(self.model, np.concatenate([traj, pad]), sol.value)
         trace = _Trace(
             trajectory=traj,
             residuals=res,
-            step_logits=np.asarray(step_logits),
+            step_logits=np.asarray(step_logits)[: len(traj)],
             final_logits=np.asarray(final),
             num_steps=int(sol.stats.num_steps),
             result="successful" if sol.result == ff.RESULTS.successful else "failed",

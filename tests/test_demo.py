@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -244,8 +245,9 @@ def running_app(*args: str, timeout: float = 240.0):
     """Start `scripts/demo.py` on a free localhost port; yields its URL; always stops it."""
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT))
-    log = ROOT / ".pytest_cache" / f"demo-{port}.log"
-    log.parent.mkdir(exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="ff-demo-", suffix=".log")
+    os.close(fd)
+    log = Path(name)
     cmd = [sys.executable, str(ROOT / "scripts" / "demo.py"), "--port", str(port), *args]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -324,6 +326,7 @@ def _top_class(page) -> str:
     return next(t for t in lines if t in demo.MNIST_CLASSES)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
 def test_demo_in_browser():
     """Empty canvas -> a message; a drawn 7 -> its class probabilities and the field's frames;
