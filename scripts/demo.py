@@ -421,7 +421,10 @@ def build_app(demo: FieldDemo, examples: dict, *, workdir: Path | None = None):
             return (gr.skip(),) * 7
         return show(current, solver, budget)
 
-    with gr.Blocks(title="fractal-field demo", analytics_enabled=False) as app:
+    # delete_cache: Gradio's copies of the outputs are removed after an hour.
+    with gr.Blocks(
+        title="fractal-field demo", analytics_enabled=False, delete_cache=(3600, 3600)
+    ) as app:
         gr.Markdown(
             "## fractal-field: a trained field classifying a digit\n"
             "Draw a digit (or pick an MNIST test image, or upload one), choose a fixed-point "
@@ -488,12 +491,14 @@ def build_app(demo: FieldDemo, examples: dict, *, workdir: Path | None = None):
                         label="The field crystallising (channels 0-2)",
                         type="filepath",
                         interactive=False,
+                        height=300,
                         elem_id="animation",
                     )
                     residual = gr.Image(
                         label="Residual per step",
                         format="png",
                         interactive=False,
+                        height=300,
                         elem_id="residual",
                     )
         evolution = gr.Image(

@@ -328,9 +328,10 @@ def _top_class(page) -> str:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
-def test_demo_in_browser():
+def test_demo_in_browser(tmp_path):
     """Empty canvas -> a message; a drawn 7 -> its class probabilities and the field's frames;
-    a test image picked from the list -> its class; another solver -> solved again."""
+    a test image picked from the list -> its class; another solver -> solved again; an
+    uploaded file that is not an image -> a message."""
     with running_app("--max-budget", "30") as url, browser_page() as page:
         page.goto(url, timeout=120_000)
         page.wait_for_selector("#sketch canvas", timeout=120_000)
@@ -361,6 +362,13 @@ def test_demo_in_browser():
 
         page.locator("#solver").get_by_text("Multigrid").click()
         assert "Prediction: 2" in _status(page, "Multigrid solver")
+
+        page.get_by_role("tab", name="Upload").click()
+        notes = tmp_path / "notes.txt"
+        notes.write_text("not an image")
+        page.locator("#upload input[type=file]").set_input_files(str(notes))
+        assert "'notes.txt' is not an image file" in _status(page, "Cannot classify")
+        assert "Traceback" not in page.content()
 
 
 def _screenshot(path: str) -> None:
