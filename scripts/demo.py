@@ -188,7 +188,8 @@ def example_images(data_dir: str | os.PathLike | None = None, count: int = 50) -
     out = {}
     for path in sorted(DIGITS_DIR.glob("mnist_test_*_label*.png")):
         i, label = re.match(r"mnist_test_(\d+)_label(\d)", path.stem).groups()
-        out[f"test image {int(i)} (label {label})"] = np.asarray(Image.open(path).convert("L"))
+        with Image.open(path) as im:
+            out[f"test image {int(i)} (label {label})"] = np.asarray(im.convert("L"))
     return out
 
 
