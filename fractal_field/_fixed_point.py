@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
+from ._loop import while_done
 from ._misc import (
     check_inexact,
     check_same_structure,
@@ -86,7 +89,8 @@ def solve_loop(fn: Fn, z0: PyTree, args: PyTree, cfg: _Config, *, differentiable
         traj=traj,
     )
 
-    def body(c):
+    def body(ops, c):
+        fn, args, solver = ops
         y, fy, state, work = solver.step(fn, c["y"], c["fy"], args, c["state"])
         step = c["step"] + 1
         res = tree_norm(tree_sub(fy, y)).astype(rdtype)
@@ -125,12 +129,16 @@ def solve_loop(fn: Fn, z0: PyTree, args: PyTree, cfg: _Config, *, differentiable
     if differentiable:
 
         def scan_body(c, _):
-            new = body(c)
+            new = body((fn, args, solver), c)
             return tree_where(c["done"], c, new), None
 
         final, _ = jax.lax.scan(scan_body, carry0, None, length=cfg.max_steps)
+    elif getattr(solver, "resolution_agnostic", False):
+        # Calls fn on other grids, so fn cannot be closure-converted at this grid.
+        final = jax.lax.while_loop(lambda c: ~c["done"], partial(body, (fn, args, solver)), carry0)
     else:
-        final = jax.lax.while_loop(lambda c: ~c["done"], body, carry0)
+        fn = eqx.filter_closure_convert(fn, z0, args)
+        final = while_done(body, (fn, args, solver), carry0)
 
     stats = Stats(
         num_steps=final["step"],
