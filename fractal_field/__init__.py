@@ -40,6 +40,11 @@ from ._complex_opt import (
 from ._config import load_config as load_config
 from ._contraction import ContractiveToroidalConv as ContractiveToroidalConv
 from ._conv import ToroidalConv as ToroidalConv
+from ._distributed import (
+    ConfigMismatchError as ConfigMismatchError,
+    check_processes_agree as check_processes_agree,
+    initialize_distributed as initialize_distributed,
+)
 from ._export import export_classifier as export_classifier
 from ._fixed_point import fixed_point as fixed_point
 from ._jacobian import jacobian_penalty as jacobian_penalty

@@ -36,6 +36,7 @@ from ._checkpoint import (
     save_checkpoint,
 )
 from ._complex_opt import complex_safe
+from ._distributed import check_processes_agree
 from ._model import FieldClassifier, count_params, make_model, param_summary
 from ._solution import RESULTS
 from ._solver import Anderson, Naive
@@ -469,6 +470,8 @@ def train(
     ckdir = workdir / "checkpoints"
     if progress is None:
         progress = sys.stderr.isatty()
+    # Processes started with different configs would train different models in lockstep.
+    check_processes_agree(config.to_dict())
 
     # Data first: a run that cannot start leaves no workdir behind.
     train_ds = load_data(config, "train")

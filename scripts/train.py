@@ -35,14 +35,25 @@ def main(argv=None):
     parser.add_argument(
         "--distributed",
         action="store_true",
-        help="call jax.distributed.initialize() for multi-host training",
+        help="multi-process training: start jax.distributed (the cluster is detected, or set "
+        "--coordinator, --num-processes and --process-id)",
+    )
+    parser.add_argument("--coordinator", default=None, help="process 0's HOST:PORT")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument(
+        "--init-timeout", type=float, default=300.0, help="seconds to wait for the coordinator"
     )
     parser.add_argument("overrides", nargs="*", help="key.path=value config overrides")
     args = parser.parse_args(argv)
     if args.distributed:
-        import jax
-
-        jax.distributed.initialize()
+        try:
+            ff.initialize_distributed(
+                args.coordinator, args.num_processes, args.process_id, timeout=args.init_timeout
+            )
+        except (ConnectionError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     config = ff.load_config(args.config, args.overrides)
     if args.data_dir is not None:
         config.data.data_dir = args.data_dir
@@ -53,8 +64,14 @@ def main(argv=None):
         # Before training started (loading data, building the model), or a third Ctrl-C.
         print(f"Aborted; checkpoints in {workdir} (if any) are unchanged.", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ff.data.DataFormatError, ff.CheckpointError) as e:
-        # No data, a corrupt or incompatible checkpoint: the message says it all.
+    except (
+        FileNotFoundError,
+        ff.data.DataFormatError,
+        ff.CheckpointError,
+        ff.ConfigMismatchError,
+    ) as e:
+        # No data, a corrupt or incompatible checkpoint, processes that disagree: the message
+        # says it all.
         print(f"error: {e}", file=sys.stderr)
         return 1
     state = summary["state"]

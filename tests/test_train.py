@@ -593,6 +593,90 @@ def test_multi_host_training_equals_single_process(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+MISMATCH_CODE = r"""
+import sys
+import jax
+pid, port, workdir, config_spec, *overrides = sys.argv[1:]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(pid))
+import fractal_field as ff
+try:
+    ff.train(ff.load_config(config_spec, overrides), workdir, progress=False)
+except ff.ConfigMismatchError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def test_processes_with_different_configs_refuse_to_start(tmp_path):
+    # Process 1 is started with another learning rate and its own data directory (allowed):
+    # both refuse before loading data, process 1 naming the key, process 0 naming process 1.
+    script = tmp_path / "mismatch.py"
+    script.write_text(MISMATCH_CODE)
+    port = _free_port()
+    overrides = [[], ["optim.lr=0.5", "data.data_dir=elsewhere"]]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port), str(tmp_path / f"w{i}"), SMOKE]
+            + overrides[i],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errs = []
+    for p in procs:
+        _, stderr = p.communicate(timeout=300)
+        assert p.returncode == 3, stderr[-3000:]
+        errs.append([line for line in stderr.splitlines() if line.startswith("error:")][-1])
+    assert "processes [1]" in errs[0] and "different config" in errs[0]
+    assert "process 1's config differs from process 0's: optim.lr: 0.5 != " in errs[1]
+    assert "data_dir" not in errs[1]
+    assert not (tmp_path / "w0").exists() and not (tmp_path / "w1").exists()
+
+
+def test_unreachable_coordinator_is_a_clear_error(tmp_path):
+    port = _free_port()  # nothing listens there
+    args = [
+        sys.executable, str(ROOT / "scripts" / "train.py"), "--config", SMOKE,
+        "--workdir", str(tmp_path / "w"), "--distributed", "--coordinator", f"localhost:{port}",
+        "--num-processes", "2", "--process-id", "1", "--init-timeout", "2",
+    ]  # fmt: skip
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert f"error: the coordinator at localhost:{port} cannot be reached" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(coordinator_address="nohost", num_processes=2, process_id=1), "host:port"),
+        (dict(num_processes=2, process_id=2), r"process_id 2 is not in \[0, 2\)"),
+        (dict(num_processes=0), "num_processes must be >= 1"),
+    ],
+)
+def test_initialize_distributed_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ff.initialize_distributed(**kwargs, timeout=1)
+
+
+def test_config_differences_names_every_differing_key():
+    from fractal_field._distributed import config_differences
+
+    ours = {"optim": {"lr": 0.1, "clip": 1.0}, "seed": 0, "model": {"preset": "nano"}}
+    theirs = {"optim": {"lr": 0.2, "clip": 1.0}, "seed": 0, "extra": 1}
+    assert config_differences(ours, theirs) == [
+        "extra: (missing) != 1",
+        "model.preset: 'nano' != (missing)",
+        "optim.lr: 0.1 != 0.2",
+    ]
+    assert config_differences(ours, ours) == []
+
+
 def test_non_finite_loss_stops_before_checkpointing_it(tmp_path):
     # A learning rate of 1e30 blows the parameters up within a few updates; training raises
     # (non-finite parameters or loss) and the checkpoint on disk is the last finite model.
