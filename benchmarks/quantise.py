@@ -62,6 +62,7 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", default="checkpoints/mnist_nano.eqx")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N test images")
+    p.add_argument("--seed", type=int, default=None, help="N random test images instead")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default=str(HERE / "results" / "quantise_mnist.json"))
@@ -70,7 +71,7 @@ def main(argv=None) -> None:
     model, meta = ff.load_model(args.checkpoint, with_meta=True)
     ds = load_dataset(meta["config"]["data"]["name"], "test", data_dir=args.data_dir)
     if args.limit:
-        ds = ds.subset(args.limit)
+        ds = ds.subset(args.limit, seed=args.seed)
     labels = np.asarray(ds.labels)
     rows, ref = [], None
     for name in args.variants.split(","):

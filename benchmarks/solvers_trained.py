@@ -2,8 +2,8 @@
 
 Workloads: the shipped MNIST Nano classifier (`checkpoints/mnist_nano.eqx`) and the CIFAR-10
 config's model (`--cifar-checkpoint`, by default the 40-epoch run's best checkpoint so far),
-each on the first `--batch` test images, from the encoder's injection (`z0 = 0`), `atol=0`,
-in both batch layouts:
+each on `--batch` test images drawn at random (seed 0), from the encoder's injection
+(`z0 = 0`), `atol=0`, in both batch layouts:
 
 - `per_sample`: `vmap` of the model; each image stops on its own residual;
 - `planar`: the batch as one fixed-point problem (`ff.to_planar`), one stopping test.
@@ -183,7 +183,9 @@ def main():
         model = ff.load_model(path)
         meta = json.load(open(path + ".json"))
         ds = load_dataset(meta["config"]["data"]["name"], "test", data_dir=args.data_dir)
-        x = jnp.asarray(ds.normalize(ds.images[: args.batch]))
+        # A seeded random sample: the CIFAR-10 image folders are sorted by class.
+        ds = ds.subset(args.batch, seed=0)
+        x = jnp.asarray(ds.normalize(ds.images))
         results[f"{name}_checkpoint"] = os.path.basename(path)
         results[f"{name}_checkpoint_epoch"] = meta.get("epoch")
         results["rows"] += bench_model(

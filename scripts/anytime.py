@@ -132,6 +132,13 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", default="checkpoints/mnist_nano.eqx")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit", type=int, default=1000, help="first N test images (0: all)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="N random test images instead of the first N "
+        "(for test sets sorted by class, like the CIFAR-10 image folders)",
+    )
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--shifts", default="1,2", help="warm-start pixel shifts")
     p.add_argument("--batch-size", type=int, default=250)
@@ -141,9 +148,11 @@ def main(argv=None) -> None:
 
     model, meta = ff.load_model(args.checkpoint, with_meta=True)
     ds = load_dataset(meta["config"]["data"]["name"], "test", data_dir=args.data_dir)
-    n = args.limit or len(ds.labels)
-    x = np.asarray(ds.normalize(ds.images[:n]))
-    labels = np.asarray(ds.labels[:n])
+    if args.limit:
+        ds = ds.subset(args.limit, seed=args.seed)
+    n = len(ds.labels)
+    x = np.asarray(ds.normalize(ds.images))
+    labels = np.asarray(ds.labels)
     command = "python " + " ".join(["scripts/anytime.py", *(argv or sys.argv[1:])])
     results = dict(
         date=datetime.date.today().isoformat(),
