@@ -19,6 +19,7 @@ from ._adjoint import (
     ImplicitAdjoint as ImplicitAdjoint,
     JacobianFreeAdjoint as JacobianFreeAdjoint,
     PhantomAdjoint as PhantomAdjoint,
+    ReversibleAdjoint as ReversibleAdjoint,
     UnrolledAdjoint as UnrolledAdjoint,
     backward_stats_probe as backward_stats_probe,
 )
@@ -77,6 +78,7 @@ from ._solver import (
     Anderson as Anderson,
     Multigrid as Multigrid,
     Naive as Naive,
+    Reversible as Reversible,
 )
 from ._tapconv import toroidal_correlate as toroidal_correlate
 from ._train import (

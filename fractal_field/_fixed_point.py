@@ -43,8 +43,17 @@ def _record(buf, y, step, every):
     return jtu.tree_map(lambda b, x: jnp.where(write, b.at[slot].set(x), b), buf, y)
 
 
-def solve_loop(fn: Fn, z0: PyTree, args: PyTree, cfg: _Config, *, differentiable: bool = False):
-    """Run `cfg.solver` from `z0` and return `(value, result, stats)`.
+def solve_loop(
+    fn: Fn,
+    z0: PyTree,
+    args: PyTree,
+    cfg: _Config,
+    *,
+    differentiable: bool = False,
+    return_state: bool = False,
+):
+    """Run `cfg.solver` from `z0` and return `(value, result, stats)`, plus the last iterate
+    and solver state `(y, state)` with `return_state=True`.
 
     With `differentiable=False` the loop is a `lax.while_loop` with early exit (no history is
     stored). With `differentiable=True` it is a masked `lax.scan` of `max_steps` steps that
@@ -148,6 +157,8 @@ def solve_loop(fn: Fn, z0: PyTree, args: PyTree, cfg: _Config, *, differentiable
         # f(z_k) is already computed (the stopping test needs it): one more step for free.
         # A failed solve hands back its last iterate, the one its statistics describe.
         value = tree_where(result == RESULTS.successful, final["fy"], value)
+    if return_state:
+        return value, result, stats, (final["y"], final["state"])
     return value, result, stats
 
 
