@@ -41,6 +41,8 @@ from ._complex_opt import (
 from ._config import load_config as load_config
 from ._contraction import ContractiveToroidalConv as ContractiveToroidalConv
 from ._conv import ToroidalConv as ToroidalConv
+from ._energy import AbstractEnergyMap as AbstractEnergyMap
+from ._equilibrium import EquilibriumPropagation as EquilibriumPropagation
 from ._export import export_classifier as export_classifier
 from ._fixed_point import fixed_point as fixed_point
 from ._jacobian import jacobian_penalty as jacobian_penalty
@@ -79,6 +81,11 @@ from ._solver import (
     Multigrid as Multigrid,
     Naive as Naive,
     Reversible as Reversible,
+)
+from ._symmetric import (
+    ENERGY_ACTIVATIONS as ENERGY_ACTIVATIONS,
+    BoundSymmetricCell as BoundSymmetricCell,
+    SymmetricCell as SymmetricCell,
 )
 from ._tapconv import toroidal_correlate as toroidal_correlate
 from ._train import (

@@ -190,9 +190,11 @@ def fixed_point(
     - `fn(z, args) -> z'`: same pytree structure, shapes and dtypes as `z0` (real or complex
       leaves). Parameters may enter through `args`, as `fn` being an `eqx.Module`, or by
       closure.
-    - `solver`: `ff.Naive`, `ff.Anderson` (default) or `ff.Multigrid`.
+    - `solver`: `ff.Naive`, `ff.Anderson` (default), `ff.Multigrid` or `ff.Reversible`.
     - `adjoint`: how to differentiate; `ff.ImplicitAdjoint()` (default), `ff.PhantomAdjoint`,
-      `ff.JacobianFreeAdjoint` or `ff.UnrolledAdjoint`.
+      `ff.JacobianFreeAdjoint`, `ff.UnrolledAdjoint`, `ff.ReversibleAdjoint` (with
+      `solver=ff.Reversible()`) or `ff.EquilibriumPropagation` (for a `fn` that is an
+      `ff.AbstractEnergyMap`).
     - Stops when `||fn(z) - z|| <= atol + rtol * ||fn(z)||` (2-norm over the whole pytree;
       under `vmap`, per sample), when a value turns non-finite, when the residual exceeds
       `divergence` times the best residual so far (`divergence=0` disables it), or after
@@ -229,8 +231,12 @@ def fixed_point(
         raise type(e)(f"fn(z0, args) failed while checking the problem: {e}") from e
     check_same_structure(z0, out)
     solver.check(fn, z0, args)
+    from ._energy import AbstractEnergyMap
+
     converted = eqx.filter_closure_convert(fn, z0, args)
-    if getattr(solver, "resolution_agnostic", False) is False:
+    if isinstance(fn, AbstractEnergyMap):
+        pass  # holds its parameters as fields; `EquilibriumPropagation` needs its energy
+    elif getattr(solver, "resolution_agnostic", False) is False:
         # Make closed-over arrays explicit, so gradients reach them.
         fn = converted
     elif any(

@@ -37,6 +37,7 @@ from ._checkpoint import (
     save_checkpoint,
 )
 from ._complex_opt import complex_safe
+from ._equilibrium import EquilibriumPropagation
 from ._model import FieldClassifier, count_params, make_model, param_summary
 from ._solution import RESULTS
 from ._solver import Anderson, Naive, Reversible
@@ -64,6 +65,7 @@ _ADJOINTS = {
     "jfb": JacobianFreeAdjoint,
     "unrolled": UnrolledAdjoint,
     "reversible": ReversibleAdjoint,
+    "ep": EquilibriumPropagation,
 }
 
 
@@ -84,9 +86,10 @@ def build_solver(cfg) -> Any:
 
 
 def build_adjoint(cfg) -> Any:
-    """`{"name": "implicit" | "phantom" | "jfb" | "unrolled" | "reversible", **hyperparameters}`;
-    an implicit adjoint's `solver` is itself a solver config. `"reversible"` needs the
-    `"reversible"` solver."""
+    """`{"name": "implicit" | "phantom" | "jfb" | "unrolled" | "reversible" | "ep",
+    **hyperparameters}`; an implicit (or ep) adjoint's `solver` is itself a solver config.
+    `"reversible"` needs the `"reversible"` solver, `"ep"` (`ff.EquilibriumPropagation`) a
+    model with `symmetric=True`."""
     name, kwargs = _build("adjoint", _ADJOINTS, cfg)
     if "solver" in kwargs:
         kwargs["solver"] = build_solver(kwargs["solver"])
