@@ -191,13 +191,15 @@ class ReversibleAdjoint(AbstractAdjoint):
     gradient is that of the finite iteration actually run (including `polish` and
     gradients with respect to `z0`), up to the reconstruction's rounding error.
 
-    Undoing a step divides by `1 - beta` and undoes the map's contraction, so rounding
-    errors grow backwards roughly as the forward iteration shrank them: the reconstructed
-    initial state is off by about `eps / (forward contraction)`; the gradient stays close to
-    rounding level because the backpropagated cotangents shrink at the same rate (measured
-    in `benchmarks/reversible.py`). The `stats_probe` gradient carries `[num_steps,
-    reconstruction error, 0]`: the backward steps, and the distance of the reconstructed
-    initial states from `z0` relative to the final state's norm.
+    Undoing a step is exact only in exact arithmetic: it divides by `1 - beta` and undoes
+    the map's contraction, so rounding errors grow geometrically backwards (by at most
+    `(1 - beta)^-2` per step for a map with Lipschitz constant 1). The gradient is at rounding
+    level for short, loosely converged solves (float64, 18 steps: 8e-13; float32, 10 steps:
+    7e-7 on a Nano-like cell) and is lost once the reconstruction error reaches the size of
+    the state (float32 beyond ~20 steps; see `docs/gradients.md`). Prefer an unrelaxed map
+    (the solver relaxes) and loose tolerances. The `stats_probe` gradient carries
+    `[num_steps, reconstruction error, 0]`: the backward steps, and the distance of the
+    reconstructed initial states from `z0` relative to the final state's norm.
 
     Needs `solver=ff.Reversible(...)`.
     """
