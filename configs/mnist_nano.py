@@ -61,7 +61,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.epochs = 12
     elif variant in ("short_implicit", "short_reversible", "short_ep"):
         # The adjoint comparison of docs/gradients.md, sized for a busy 2-core CPU (at most
-        # 20 minutes each): one epoch (47 steps of 64) on a random 3,000-image train subset,
+        # 20 minutes each): one epoch (46 steps of 64) on a random 3,000-image train subset,
         # tested on a random 1,000-image test subset.
         c.data = dict(c.data, train_size=3_000, test_size=1_000)
         c.batch_size = 64
