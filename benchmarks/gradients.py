@@ -18,7 +18,8 @@ Problems (each one field, unbatched, under `jax.jit`):
   float64 solved to 1e-13; relative error of `ff.EquilibriumPropagation` against
   `ff.ImplicitAdjoint` as `beta` shrinks, two-sided and one-sided.
 
-Run `python benchmarks/gradients.py`; writes `benchmarks/results/gradients.json`.
+Run `python benchmarks/gradients.py`; writes `benchmarks/results/gradients.json` and the
+figure `docs/gradients.png` (`--plot-only` redraws the figure from the results file).
 """
 
 from __future__ import annotations
@@ -196,10 +197,65 @@ def ep_errors():
     return rows
 
 
+def plot(results: dict, path: str) -> None:
+    """Gradient errors against the tolerance, memory against the steps, EP against beta."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    ax = axes[0]
+    for row_kind, marker in (("reversible_error", "o"), ("implicit_error", "s")):
+        for dtype, alpha, style in (("float64", 1.0, "-"), ("float32", 1.0, "--")):
+            rows = [r for r in results["reversible"] if r["dtype"] == dtype and r["alpha"] == alpha]
+            ax.loglog(
+                [r["rtol"] for r in rows],
+                [r[row_kind] for r in rows],
+                style,
+                marker=marker,
+                label=f"{row_kind.split('_')[0]}, {dtype}",
+            )
+    ax.set_xlabel("forward rtol (Reversible(0.5), cell alpha = 1)")
+    ax.set_ylabel("relative error vs unrolled gradient")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for name in ("reversible", "unrolled", "implicit"):
+        rows = [r for r in results["memory"] if r["adjoint"] == name]
+        ax.loglog([r["max_steps"] for r in rows], [r["temp_bytes"] for r in rows], "o-", label=name)
+    ax.set_xlabel("max_steps (all taken)")
+    ax.set_ylabel("gradient temp bytes (XLA)")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    for symmetric in (True, False):
+        rows = [r for r in results["ep"] if r["symmetric"] == symmetric]
+        label = "two-sided" if symmetric else "one-sided"
+        ax.loglog([r["beta"] for r in rows], [r["error"] for r in rows], "o-", label=label)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("EP beta (SymmetricCell, float64)")
+    ax.set_ylabel("relative error vs implicit gradient")
+    ax.legend(fontsize=7)
+    meta = results["meta"]
+    fig.suptitle(
+        f"{meta['date']}, {meta['hardware']}, jax {meta['jax']}: `{meta['command']}`", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure only")
     opts = parser.parse_args()
+    figure = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+    figure = os.path.join(figure, "gradients.png")
+    if opts.plot_only:
+        with open(os.path.join(opts.out, "gradients.json")) as fh:
+            plot(json.load(fh), figure)
+        return
     with jax.enable_x64(True):
         errors = reversible_errors()
         ep = ep_errors()
@@ -220,11 +276,11 @@ def main():
     )
     os.makedirs(opts.out, exist_ok=True)
     path = os.path.join(opts.out, "gradients.json")
+    results = dict(meta=meta, reversible=errors, memory=memory, timing=timing, ep=ep)
     with open(path, "w") as fh:
-        json.dump(
-            dict(meta=meta, reversible=errors, memory=memory, timing=timing, ep=ep), fh, indent=1
-        )
+        json.dump(results, fh, indent=1)
     print(f"wrote {path}")
+    plot(results, figure)
 
 
 if __name__ == "__main__":
