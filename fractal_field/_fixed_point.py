@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
+from ._energy import AbstractEnergyMap
 from ._misc import (
     check_inexact,
     check_same_structure,
@@ -231,8 +232,6 @@ def fixed_point(
         raise type(e)(f"fn(z0, args) failed while checking the problem: {e}") from e
     check_same_structure(z0, out)
     solver.check(fn, z0, args)
-    from ._energy import AbstractEnergyMap
-
     converted = eqx.filter_closure_convert(fn, z0, args)
     if isinstance(fn, AbstractEnergyMap):
         pass  # holds its parameters as fields; `EquilibriumPropagation` needs its energy
