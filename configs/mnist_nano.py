@@ -59,6 +59,30 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         # See docs/results.md for what it reached.
         c.model = dict(c.model, batch_solve="planar")
         c.epochs = 12
+    elif variant in ("short_implicit", "short_reversible", "short_ep"):
+        # The adjoint comparison of docs/gradients.md, sized for a busy 2-core CPU (at most
+        # 20 minutes each): one epoch (46 steps of 64) on a random 3,000-image train subset,
+        # tested on a random 1,000-image test subset.
+        c.data = dict(c.data, train_size=3_000, test_size=1_000)
+        c.batch_size = 64
+        c.eval_batch_size = 500
+        c.epochs = 1
+        c.log_every = 5
+        if variant == "short_implicit":
+            c.adjoint = dict(name="implicit")
+        elif variant == "short_reversible":
+            # The unrelaxed cell (alpha = 1; the solver relaxes): with alpha = 0.5 the
+            # backward reconstruction loses all float32 digits (docs/gradients.md).
+            c.model = dict(c.model, alpha=1.0)
+            c.solver = dict(name="reversible", beta=0.5)
+            c.adjoint = dict(name="reversible")
+        else:
+            # Equilibrium propagation on the energy-based (Hermitian) Nano field.
+            c.model = dict(c.model, symmetric=True, activation="phase_tanh")
+            c.adjoint = dict(name="ep", beta=0.1, rtol=1e-4, throw=False)
     elif variant:
-        raise ValueError(f"Unknown variant {variant!r} (use '', 'smoke' or 'cpu_hour').")
+        raise ValueError(
+            f"Unknown variant {variant!r} (use '', 'smoke', 'cpu_hour', 'short_implicit', "
+            "'short_reversible' or 'short_ep')."
+        )
     return c

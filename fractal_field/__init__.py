@@ -19,6 +19,7 @@ from ._adjoint import (
     ImplicitAdjoint as ImplicitAdjoint,
     JacobianFreeAdjoint as JacobianFreeAdjoint,
     PhantomAdjoint as PhantomAdjoint,
+    ReversibleAdjoint as ReversibleAdjoint,
     UnrolledAdjoint as UnrolledAdjoint,
     backward_stats_probe as backward_stats_probe,
 )
@@ -45,6 +46,8 @@ from ._distributed import (
     check_processes_agree as check_processes_agree,
     initialize_distributed as initialize_distributed,
 )
+from ._energy import AbstractEnergyMap as AbstractEnergyMap
+from ._equilibrium import EquilibriumPropagation as EquilibriumPropagation
 from ._export import export_classifier as export_classifier
 from ._fixed_point import fixed_point as fixed_point
 from ._jacobian import jacobian_penalty as jacobian_penalty
@@ -82,6 +85,12 @@ from ._solver import (
     Anderson as Anderson,
     Multigrid as Multigrid,
     Naive as Naive,
+    Reversible as Reversible,
+)
+from ._symmetric import (
+    ENERGY_ACTIVATIONS as ENERGY_ACTIVATIONS,
+    BoundSymmetricCell as BoundSymmetricCell,
+    SymmetricCell as SymmetricCell,
 )
 from ._tapconv import toroidal_correlate as toroidal_correlate
 from ._train import (

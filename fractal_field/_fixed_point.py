@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
+from ._energy import AbstractEnergyMap
 from ._loop import while_done
 from ._misc import (
     check_inexact,
@@ -46,8 +47,17 @@ def _record(buf, y, step, every):
     return jtu.tree_map(lambda b, x: jnp.where(write, b.at[slot].set(x), b), buf, y)
 
 
-def solve_loop(fn: Fn, z0: PyTree, args: PyTree, cfg: _Config, *, differentiable: bool = False):
-    """Run `cfg.solver` from `z0` and return `(value, result, stats)`.
+def solve_loop(
+    fn: Fn,
+    z0: PyTree,
+    args: PyTree,
+    cfg: _Config,
+    *,
+    differentiable: bool = False,
+    return_state: bool = False,
+):
+    """Run `cfg.solver` from `z0` and return `(value, result, stats)`, plus the last iterate
+    and solver state `(y, state)` with `return_state=True`.
 
     With `differentiable=False` the loop is a `lax.while_loop` with early exit (no history is
     stored). With `differentiable=True` it is a masked `lax.scan` of `max_steps` steps that
@@ -138,7 +148,9 @@ def solve_loop(fn: Fn, z0: PyTree, args: PyTree, cfg: _Config, *, differentiable
         final = jax.lax.while_loop(lambda c: ~c["done"], partial(body, (fn, args, solver)), carry0)
     else:
         fn = eqx.filter_closure_convert(fn, z0, args)
-        final = while_done(body, (fn, args, solver), carry0)
+        # A finished sample's solver state may keep changing, unless it is handed back.
+        scratch = () if return_state else ("state",)
+        final = while_done(body, (fn, args, solver), carry0, scratch=scratch)
 
     stats = Stats(
         num_steps=final["step"],
@@ -156,6 +168,8 @@ def solve_loop(fn: Fn, z0: PyTree, args: PyTree, cfg: _Config, *, differentiable
         # f(z_k) is already computed (the stopping test needs it): one more step for free.
         # A failed solve hands back its last iterate, the one its statistics describe.
         value = tree_where(result == RESULTS.successful, final["fy"], value)
+    if return_state:
+        return value, result, stats, (final["y"], final["state"])
     return value, result, stats
 
 
@@ -187,9 +201,11 @@ def fixed_point(
     - `fn(z, args) -> z'`: same pytree structure, shapes and dtypes as `z0` (real or complex
       leaves). Parameters may enter through `args`, as `fn` being an `eqx.Module`, or by
       closure.
-    - `solver`: `ff.Naive`, `ff.Anderson` (default) or `ff.Multigrid`.
+    - `solver`: `ff.Naive`, `ff.Anderson` (default), `ff.Multigrid` or `ff.Reversible`.
     - `adjoint`: how to differentiate; `ff.ImplicitAdjoint()` (default), `ff.PhantomAdjoint`,
-      `ff.JacobianFreeAdjoint` or `ff.UnrolledAdjoint`.
+      `ff.JacobianFreeAdjoint`, `ff.UnrolledAdjoint`, `ff.ReversibleAdjoint` (with
+      `solver=ff.Reversible()`) or `ff.EquilibriumPropagation` (for a `fn` that is an
+      `ff.AbstractEnergyMap`).
     - Stops when `||fn(z) - z|| <= atol + rtol * ||fn(z)||` (2-norm over the whole pytree;
       under `vmap`, per sample), when a value turns non-finite, when the residual exceeds
       `divergence` times the best residual so far (`divergence=0` disables it), or after
@@ -227,7 +243,9 @@ def fixed_point(
     check_same_structure(z0, out)
     solver.check(fn, z0, args)
     converted = eqx.filter_closure_convert(fn, z0, args)
-    if getattr(solver, "resolution_agnostic", False) is False:
+    if isinstance(fn, AbstractEnergyMap):
+        pass  # holds its parameters as fields; `EquilibriumPropagation` needs its energy
+    elif getattr(solver, "resolution_agnostic", False) is False:
         # Make closed-over arrays explicit, so gradients reach them.
         fn = converted
     elif any(

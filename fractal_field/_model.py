@@ -23,6 +23,7 @@ from ._multiscale import MultiScaleCell
 from ._planar import from_planar, to_planar
 from ._solution import Solution
 from ._solver import AbstractFixedPointSolver, Anderson
+from ._symmetric import SymmetricCell
 from ._tapconv import toroidal_correlate
 
 
@@ -268,10 +269,14 @@ class FieldClassifier(eqx.Module):
     scale), coupled at every step, the injection entering at the finest; `coupling` sets the
     initial size of the cross-scale weights. The solution's value is then a tuple of fields,
     finest first.
+
+    `symmetric=True` makes the cell an `ff.SymmetricCell` (a Hermitian coupling; activation
+    `"modrelu"`, `"phase_tanh"` or `"crelu"`): its fixed point minimises an energy, which
+    `ff.EquilibriumPropagation` needs. Single field, per-sample solves only.
     """
 
     encoder: Encoder
-    cell: FractalCell | MultiScaleCell
+    cell: FractalCell | MultiScaleCell | SymmetricCell
     readout: Readout
     solver: AbstractFixedPointSolver
     adjoint: AbstractAdjoint
@@ -312,6 +317,7 @@ class FieldClassifier(eqx.Module):
         rtol: float = 1e-3,
         atol: float = 1e-6,
         batch_solve: str = "per_sample",
+        symmetric: bool = False,
         key: PRNGKeyArray,
     ):
         if batch_solve not in ("per_sample", "planar"):
@@ -337,6 +343,32 @@ class FieldClassifier(eqx.Module):
                         f"FieldClassifier({name}={value}) is an option of a single field's "
                         f"cell; it is not available with scales={len(chans)}."
                     )
+        if symmetric:
+            options = dict(
+                scales=len(chans),
+                hidden=hidden,
+                norm_groups=norm_groups,
+                learn_alpha=learn_alpha,
+                batch_solve=batch_solve,
+            )
+            defaults = dict(
+                scales=1, hidden=0, norm_groups=0, learn_alpha=False, batch_solve="per_sample"
+            )
+            for name, value in options.items():
+                if value != defaults[name]:
+                    raise ValueError(
+                        f"FieldClassifier(symmetric=True) supports a single field with "
+                        f"per-sample solves only; {name}={value!r} is not available."
+                    )
+        else:
+            from ._equilibrium import EquilibriumPropagation  # circular import
+
+            if isinstance(adjoint, EquilibriumPropagation):
+                raise ValueError(
+                    "EquilibriumPropagation needs a field whose update is the gradient of an "
+                    "energy: FractalCell's convolution is not symmetric. Use symmetric=True "
+                    "(an ff.SymmetricCell)."
+                )
         ekey, ckey, rkey = jr.split(key, 3)
         grid = image_size // pool
         self.encoder = Encoder(in_channels, chans[0], pool=pool, phase=phase, hidden=stem, key=ekey)
@@ -351,7 +383,10 @@ class FieldClassifier(eqx.Module):
             impl=impl,
             key=ckey,
         )
-        if len(chans) == 1:
+        if symmetric:
+            cell_kwargs.pop("learn_alpha")
+            self.cell = SymmetricCell(chans[0], **cell_kwargs)
+        elif len(chans) == 1:
             self.cell = FractalCell(
                 chans[0],
                 hidden=hidden,
@@ -412,7 +447,12 @@ class FieldClassifier(eqx.Module):
             if shapes[0] != shapes[1]:
                 raise ValueError(f"`z0` has shapes {shapes[0]}; the field has shapes {shapes[1]}.")
             z0 = jax.tree_util.tree_map(lambda a, b: jnp.asarray(a, b.dtype), z0, zero)
-        if getattr(kwargs["solver"], "resolution_agnostic", False):
+        if isinstance(self.cell, SymmetricCell):
+            # An energy map; with its operator built once, outside the loop, unless the
+            # solver needs it at several grid sizes.
+            agnostic = getattr(kwargs["solver"], "resolution_agnostic", False)
+            fn = self.cell if agnostic else self.cell.bind(*injection.shape[1:])
+        elif getattr(kwargs["solver"], "resolution_agnostic", False):
             if isinstance(self.cell, MultiScaleCell):
                 _check_multiscale_solver(kwargs["solver"])
             # Acts at any grid size; the solver restricts the injection alongside the state.

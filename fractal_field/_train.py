@@ -25,6 +25,7 @@ from ._adjoint import (
     ImplicitAdjoint,
     JacobianFreeAdjoint,
     PhantomAdjoint,
+    ReversibleAdjoint,
     UnrolledAdjoint,
     backward_stats_probe,
 )
@@ -37,9 +38,10 @@ from ._checkpoint import (
 )
 from ._complex_opt import complex_safe
 from ._distributed import check_processes_agree
+from ._equilibrium import EquilibriumPropagation
 from ._model import FieldClassifier, count_params, make_model, param_summary
 from ._solution import RESULTS
-from ._solver import Anderson, Naive
+from ._solver import Anderson, Naive, Reversible
 from .data import ArrayDataset, augment, load_dataset
 
 # ---------------------------------------------------------------------------------------------
@@ -52,12 +54,19 @@ def _multigrid(**kwargs):
     return Multigrid(**kwargs)
 
 
-_SOLVERS = {"anderson": Anderson, "naive": Naive, "multigrid": _multigrid}
+_SOLVERS = {
+    "anderson": Anderson,
+    "naive": Naive,
+    "multigrid": _multigrid,
+    "reversible": Reversible,
+}
 _ADJOINTS = {
     "implicit": ImplicitAdjoint,
     "phantom": PhantomAdjoint,
     "jfb": JacobianFreeAdjoint,
     "unrolled": UnrolledAdjoint,
+    "reversible": ReversibleAdjoint,
+    "ep": EquilibriumPropagation,
 }
 
 
@@ -71,14 +80,17 @@ def _build(kind: str, table: dict, cfg):
 
 
 def build_solver(cfg) -> Any:
-    """`{"name": "anderson" | "naive" | "multigrid", **hyperparameters}` -> a solver."""
+    """`{"name": "anderson" | "naive" | "multigrid" | "reversible", **hyperparameters}` -> a
+    solver."""
     name, kwargs = _build("solver", _SOLVERS, cfg)
     return _SOLVERS[name](**kwargs)
 
 
 def build_adjoint(cfg) -> Any:
-    """`{"name": "implicit" | "phantom" | "jfb" | "unrolled", **hyperparameters}`; an implicit
-    adjoint's `solver` is itself a solver config."""
+    """`{"name": "implicit" | "phantom" | "jfb" | "unrolled" | "reversible" | "ep",
+    **hyperparameters}`; an implicit (or ep) adjoint's `solver` is itself a solver config.
+    `"reversible"` needs the `"reversible"` solver, `"ep"` (`ff.EquilibriumPropagation`) a
+    model with `symmetric=True`."""
     name, kwargs = _build("adjoint", _ADJOINTS, cfg)
     if "solver" in kwargs:
         kwargs["solver"] = build_solver(kwargs["solver"])

@@ -696,6 +696,10 @@ def test_build_solver_and_adjoint_from_config():
     assert build_solver({"name": "anderson", "history": 3, "ridge": None}).history == 3
     adj = build_adjoint({"name": "implicit", "solver": {"name": "naive"}, "max_steps": 7})
     assert isinstance(adj.solver, ff.Naive) and adj.max_steps == 7
+    assert build_solver({"name": "reversible", "beta": 0.3}) == ff.Reversible(0.3)
+    assert isinstance(build_adjoint({"name": "reversible"}), ff.ReversibleAdjoint)
+    ep = build_adjoint({"name": "ep", "beta": 0.2, "solver": {"name": "naive"}})
+    assert ep.beta == 0.2 and isinstance(ep.solver, ff.Naive)
     with pytest.raises(ValueError, match="Unknown solver 'newton'"):
         build_solver({"name": "newton"})
     with pytest.raises(ValueError, match="Unknown adjoint 'exact'"):
@@ -706,6 +710,8 @@ def test_build_solver_and_adjoint_from_config():
     "spec, budget",
     [
         ("mnist_nano.py", 20_000),
+        ("mnist_nano.py:short_reversible", 20_000),
+        ("mnist_nano.py:short_ep", 20_000),
         ("cifar10_small.py", 170_000),
         ("cifar10_small.py:multiscale", 170_000),
         ("cifar10_small.py:expanded", 170_000),

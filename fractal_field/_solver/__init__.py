@@ -2,3 +2,4 @@ from .anderson import Anderson as Anderson
 from .base import AbstractFixedPointSolver as AbstractFixedPointSolver
 from .multigrid import Multigrid as Multigrid
 from .naive import Naive as Naive
+from .reversible import Reversible as Reversible

@@ -1,0 +1,164 @@
+"""MNIST Nano with the reversible adjoint, the implicit adjoint and equilibrium propagation,
+under the same short CPU budget.
+
+Trains `configs/mnist_nano.py:short_reversible` (and again with `solver.beta=0.8`, and with
+`model.rtol=0.01 model.max_steps=15`),
+`:short_implicit` and `:short_ep` (and its symmetric field with the implicit adjoint; one epoch,
+46 steps of 64 images from a seeded random 3,000-image train subset; test on a seeded
+random 1,000-image test subset) one after the other with `scripts/train.py`, each under
+`nice -n 10` and a 20-minute limit, then collects the test accuracy, the mean forward solver
+steps at test time and the training logs' means (forward steps, backward steps: reversible
+steps run backwards, or nudged-solve steps for equilibrium propagation; the backward
+"residual": the reversible reconstruction error, or the nudged solves' largest relative
+residual; training step time).
+
+    python benchmarks/adjoint_mnist.py --data-dir ../shared/data [--collect-only]
+
+Writes `benchmarks/results/adjoint_mnist.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+import fractal_field as ff
+
+# (config variant, workdir, overrides)
+RUNS = (
+    ("short_reversible", "runs/nano_short_reversible", ()),
+    ("short_implicit", "runs/nano_short_implicit", ()),
+    ("short_ep", "runs/nano_short_ep", ()),
+    ("short_reversible", "runs/nano_short_reversible_b08", ("solver.beta=0.8",)),
+    # Short, loosely converged solves, where the reconstruction stays accurate in float32.
+    (
+        "short_reversible",
+        "runs/nano_short_reversible_loose",
+        ("model.rtol=0.01", "model.max_steps=15"),
+    ),
+    # The symmetric field of short_ep, trained with the implicit adjoint instead.
+    (
+        "short_ep",
+        "runs/nano_short_ep_implicit",
+        ("adjoint.name=implicit", "adjoint.beta=None", "adjoint.rtol=None", "adjoint.throw=None"),
+    ),
+)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command(variant: str, workdir: str, data_dir: str, overrides) -> list[str]:
+    return [
+        sys.executable,
+        "scripts/train.py",
+        "--config",
+        f"configs/mnist_nano.py:{variant}",
+        "--workdir",
+        workdir,
+        "--data-dir",
+        data_dir,
+        *overrides,
+    ]
+
+
+def _summary(variant: str, workdir: str) -> dict:
+    path = os.path.join(ROOT, workdir)
+    rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl")) if line.strip()]
+    evals = [json.loads(line) for line in open(os.path.join(path, "eval.jsonl")) if line.strip()]
+    config = json.load(open(os.path.join(path, "config.json")))
+
+    def mean(key, skip=0):
+        return statistics.fmean(r[key] for r in rows[skip:])
+
+    def finite(x):
+        return x if math.isfinite(x) else str(x)
+
+    out = dict(
+        variant=variant,
+        workdir=workdir,
+        model=config["model"],
+        solver=config["solver"],
+        adjoint=config["adjoint"],
+        train_steps=len(rows),
+        train_fwd_steps=mean("fwd_steps"),
+        train_bwd_steps=mean("bwd_steps"),
+        train_bwd_residual_median=finite(statistics.median(r["bwd_residual"] for r in rows)),
+        train_bwd_residual_max=finite(max(r["bwd_residual"] for r in rows)),
+        train_grad_norm_median=finite(statistics.median(r["grad_norm"] for r in rows)),
+        # The first step includes compilation.
+        median_step_time_s=statistics.median(r["step_time"] for r in rows[1:]),
+        last10_train_acc=mean("acc", skip=len(rows) - 10),
+    )
+    log = path + ".log"
+    errors = (
+        [ln for ln in open(log).read().splitlines() if "Error" in ln] if os.path.exists(log) else []
+    )
+    if errors:
+        out["error"] = errors[-1]
+    if evals:
+        e = evals[-1]
+        out.update(
+            test_accuracy=e["accuracy"],
+            test_n=e["n"],
+            test_mean_steps=e["mean_steps"],
+            test_failed=e["failed"],
+            epoch_time_s=e["epoch_time"],
+        )
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--collect-only", action="store_true", help="read existing workdirs")
+    parser.add_argument("--limit-s", type=int, default=1200)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    opts = parser.parse_args()
+    runs = []
+    for variant, workdir, overrides in RUNS:
+        cmd = _command(variant, workdir, opts.data_dir, overrides)
+        if not opts.collect_only:
+            t = time.time()
+            with open(os.path.join(ROOT, workdir + ".log"), "w") as log:
+                subprocess.run(
+                    ["timeout", "-s", "TERM", str(opts.limit_s), "nice", "-n", "10", *cmd],
+                    cwd=ROOT,
+                    check=False,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            print(f"{variant}: {time.time() - t:.0f}s", flush=True)
+        row = _summary(variant, workdir)
+        row["command"] = " ".join(["python", *cmd[1:]])
+        runs.append(row)
+        print(json.dumps(row), flush=True)
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        command=" ".join(["python", "benchmarks/adjoint_mnist.py", *sys.argv[1:]]),
+        run_commands="each run's `command`, under `timeout -s TERM 1200 nice -n 10`",
+        hardware="2-core CPU (shared with other jobs; load average 8-11 during the runs)",
+        jax=jax.__version__,
+        numpy=np.__version__,
+        python=sys.version.split()[0],
+        fractal_field=ff.__version__,
+        machine=platform.machine(),
+    )
+    os.makedirs(opts.out, exist_ok=True)
+    path = os.path.join(opts.out, "adjoint_mnist.json")
+    with open(path, "w") as fh:
+        json.dump(dict(meta=meta, runs=runs), fh, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
