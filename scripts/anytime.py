@@ -17,6 +17,7 @@ import datetime
 import json
 import platform
 import sys
+import textwrap
 from pathlib import Path
 
 import equinox as eqx
@@ -119,9 +120,10 @@ def figure(results: dict, path: Path, subtitle: str) -> None:
         )
     ax.set_xlabel("mean solver steps per image")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(max(0, ax.get_ylim()[0]), 100)
+    ax.set_ylim(max(0, ax.get_ylim()[0]), min(100, ax.get_ylim()[1] + 2))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
+    subtitle = "\n".join(textwrap.fill(line, 120) for line in subtitle.splitlines())
     ax.set_title(f"Anytime inference, {results['checkpoint']}\n{subtitle}", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -192,7 +194,9 @@ def main(argv=None) -> None:
         results["warm_start"][name] = warm_start(model, x, labels, solver, shifts, args.batch_size)
         out.write_text(json.dumps(results, indent=1))
     if args.figure:
-        subtitle = f"{n} MNIST test images, {results['date']}, 2-core CPU\n{command}"
+        label = {"mnist": "MNIST", "cifar10": "CIFAR-10"}.get(ds.name, ds.name)
+        pick = "random " if args.limit and args.seed is not None else ""
+        subtitle = f"{n} {pick}{label} test images, {results['date']}, 2-core CPU\n{command}"
         figure(results, Path(args.figure), subtitle)
     print(f"wrote {out}" + (f" and {args.figure}" if args.figure else ""))
 
