@@ -40,7 +40,7 @@ from ._complex_opt import (
 from ._config import load_config as load_config
 from ._contraction import ContractiveToroidalConv as ContractiveToroidalConv
 from ._conv import ToroidalConv as ToroidalConv
-from ._export import export_classifier as export_classifier
+from ._export import export_classifier as export_classifier, export_onnx as export_onnx
 from ._fixed_point import fixed_point as fixed_point
 from ._jacobian import jacobian_penalty as jacobian_penalty
 from ._kron_graph import kron_adjacency as kron_adjacency, kron_labels as kron_labels

@@ -354,6 +354,26 @@ def _select(pred, new, old):
     return jnp.where(pred, new, old)
 
 
+def _scan(eqn, args):
+    p = eqn.params
+    nc, ncarry = p["num_consts"], p["num_carry"]
+    consts, init, xs = args[:nc], args[nc : nc + ncarry], args[nc + ncarry :]
+    jaxpr, jconsts = _closed(p["jaxpr"])
+
+    def body(carry, x):
+        out = _eval(jaxpr, jconsts, [*consts, *carry, *x])
+        return out[:ncarry], out[ncarry:]
+
+    if p["length"] == 1:  # no loop for one step
+        carry, ys = body(list(init), jax.tree_util.tree_map(lambda a: a[0], list(xs)))
+        return [*carry, *jax.tree_util.tree_map(lambda a: a[None], ys)]
+
+    carry, ys = lax.scan(
+        body, list(init), list(xs), length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+    )
+    return [*carry, *ys]
+
+
 def _cond(eqn, args):
     index, *ops = args
     branches = [_closed(b) for b in eqn.params["branches"]]
@@ -382,6 +402,7 @@ def _inline(eqn, args):
 _HIGHER_ORDER: dict[str, Callable] = {
     "while": _while,
     "cond": _cond,
+    "scan": _scan,
     "jit": _inline,
     "pjit": _inline,
     "closed_call": _inline,
