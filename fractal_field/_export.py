@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
 
+from ._cell import FractalCell
 from ._model import FieldClassifier
 from ._real_pairs import real_pairs
 from ._solver import Anderson, Naive
@@ -46,6 +47,10 @@ def _logits_fn(model, shape, caller: str):
     c = model.encoder.in_channels
     if len(shape) != 4 or shape[1] != c or min(shape) < 1:
         raise ValueError(f"shape must be (b, {c}, H, W) with positive sizes, got {shape}.")
+    if not isinstance(model.cell, FractalCell):
+        raise ValueError(
+            f"{caller} exports single-field models; this one has a {type(model.cell).__name__}."
+        )
     model = eqx.tree_at(lambda m: m.cell, model, model.cell.normalized())
     params, static = eqx.partition(model, eqx.is_array)
 

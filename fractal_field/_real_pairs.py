@@ -209,8 +209,9 @@ def _ne(eqn, args):
 
 
 def _batched_scatter(eqn, args):
-    """`h.at[i].set(u)` under `vmap` (one index per batch element) as a select, or `None` for
-    other scatters. ONNX exporters lack scatters with batching dimensions."""
+    """`h.at[i].set(u)` under `vmap` (one index per batch element) as a scatter without
+    batching dimensions (explicit `(n, i_n)` indices), or `None` for other scatters. ONNX
+    exporters lack scatters with batching dimensions."""
     operand, idx, upd = args
     dn = eqn.params["dimension_numbers"]
     ndim = len(eqn.invars[0].aval.shape)
@@ -225,18 +226,22 @@ def _batched_scatter(eqn, args):
         and getattr(eqn.params["mode"], "name", "") != "CLIP"
     ):
         return None
-    shape = eqn.invars[0].aval.shape
-    hit = lax.broadcasted_iota(jnp.int32, shape, d) == jnp.reshape(
-        idx.astype(jnp.int32), (shape[0],) + (1,) * (ndim - 1)
-    )  # an index out of range hits nothing: the update is dropped, as in FILL_OR_DROP
+    b = eqn.invars[0].aval.shape[0]
+    batch = lax.broadcasted_iota(jnp.int32, (b, 1), 0)
+    indices = jnp.concatenate([batch, idx.astype(jnp.int32)], axis=1)  # (b, 2): [n, i_n]
+    dn = lax.ScatterDimensionNumbers(
+        update_window_dims=tuple(range(1, ndim - 1)),
+        inserted_window_dims=(0, d),
+        scatter_dims_to_operand_dims=(0, d),
+    )
 
-    def select(u, o):
-        return jnp.where(hit, jnp.expand_dims(u, d), o)
+    def scatter(o, u):
+        return lax.scatter(o, indices, u, dn, mode=eqn.params["mode"])
 
     if isinstance(operand, Pair) or isinstance(upd, Pair):
         operand, upd = _as_pair(operand), _as_pair(upd)
-        return Pair(select(upd.re, operand.re), select(upd.im, operand.im))
-    return select(upd, operand)
+        return Pair(scatter(operand.re, upd.re), scatter(operand.im, upd.im))
+    return scatter(operand, upd)
 
 
 def _dft(n: int, inverse: bool, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -267,18 +272,29 @@ def _fft(eqn, args):
     return a
 
 
-def _solve(a: Pair, b: Pair, n: int) -> Pair:
-    """`a x = b` for complex `a (..., n, n)`, `b (..., n)` via the real embedding."""
-    top = jnp.concatenate([a.re, -a.im], axis=-1)
-    bottom = jnp.concatenate([a.im, a.re], axis=-1)
-    rhs = jnp.concatenate(b, axis=-1)[..., None]
-    m = jnp.concatenate([jnp.concatenate([top, bottom], axis=-2), rhs], axis=-1)
-    x = _gauss_jordan(m, 2 * n)
-    return Pair(x[..., :n], x[..., n:])
+def _solve(eqn, args):
+    """`jnp.linalg.solve(a, b)`: Gauss-Jordan elimination, on the real `2n x 2n` embedding
+    `[[Re a, -Im a], [Im a, Re a]]` for complex operands."""
+    a, b = args
+    n = eqn.invars[0].aval.shape[-1]
+    vector = eqn.invars[1].aval.ndim == eqn.invars[0].aval.ndim - 1
+    axis = -1 if vector else -2  # the axis of `b` that `a` acts on
+    pair = isinstance(a, Pair) or isinstance(b, Pair)
+    if pair:
+        a, b = _as_pair(a), _as_pair(b)
+        top = jnp.concatenate([a.re, -a.im], axis=-1)
+        a = jnp.concatenate([top, jnp.concatenate([a.im, a.re], axis=-1)], axis=-2)
+        b = jnp.concatenate([b.re, b.im], axis=axis)
+    size = 2 * n if pair else n
+    x = _gauss_jordan(jnp.concatenate([a, b[..., None] if vector else b], axis=-1), size)
+    x = x[..., 0] if vector else x
+    if pair:
+        return Pair(*jnp.split(x, [n], axis=axis))
+    return x
 
 
 def _gauss_jordan(m, n: int):
-    """The solution of the augmented system `m = [a | b]` (`(..., n, n + 1)`), by Gauss-Jordan
+    """The solution of the augmented system `m = [a | b]` (`(..., n, n + k)`), by Gauss-Jordan
     elimination with partial pivoting, unrolled (`n` is small): elementwise operations and
     reductions only, which any runtime has (`jnp.linalg.solve`'s LU and its platform-dependent
     pivoting have no ONNX form)."""
@@ -295,7 +311,7 @@ def _gauss_jordan(m, n: int):
         factor = m[..., :, k] / pivot[..., k, None]
         m = m - jnp.where((rows == k)[:, None], zero, factor[..., None] * pivot[..., None, :])
     diagonal = jnp.sum(jnp.where(np.eye(n, dtype=bool), m[..., :, :n], zero), axis=-1)
-    return m[..., :, n] / diagonal
+    return m[..., :, n:] / diagonal[..., None]
 
 
 _RULES: dict[str, Callable] = {
@@ -387,14 +403,9 @@ def _cond(eqn, args):
 def _inline(eqn, args):
     p = eqn.params
     j = p.get("call_jaxpr", p.get("jaxpr"))
-    if (
-        eqn.primitive.name in ("jit", "pjit")
-        and p.get("name") == "solve"
-        and len(args) == 2
-        and any(isinstance(a, Pair) for a in args)
-        and eqn.invars[1].aval.ndim == eqn.invars[0].aval.ndim - 1
-    ):  # `jnp.linalg.solve` on complex operands: its LU has no real-pair rule
-        return [_solve(*map(_as_pair, args), eqn.invars[0].aval.shape[-1])]
+    if eqn.primitive.name in ("jit", "pjit") and p.get("name") == "solve" and len(args) == 2:
+        # `jnp.linalg.solve`: its LU has no real-pair rule and no ONNX form.
+        return [_solve(eqn, args)]
     jaxpr, consts = _closed(j)
     return _eval(jaxpr, consts, list(args))
 
