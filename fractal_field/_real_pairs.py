@@ -253,11 +253,10 @@ def _dft(n: int, inverse: bool, dtype) -> tuple[np.ndarray, np.ndarray]:
 
 def _fft(eqn, args):
     (a,) = args
-    kind = eqn.params["fft_type"]
-    name = getattr(kind, "name", str(kind))
-    if name not in ("FFT", "IFFT") and kind not in (0, 1):
+    kind = int(eqn.params["fft_type"])  # lax.FftType: FFT 0, IFFT 1, RFFT 2, IRFFT 3
+    if kind not in (0, 1):
         raise NotImplementedError(f"fft_type={kind} has no real-pair rule (only FFT and IFFT).")
-    inverse = name == "IFFT" or kind == 1
+    inverse = kind == 1
     a = _as_pair(a)
     lengths = eqn.params["fft_lengths"]
     shape = eqn.invars[0].aval.shape
