@@ -60,14 +60,13 @@ def _parts(args, part: str):
 
 
 def _real_params(params: dict) -> dict:
-    """Complex dtypes named in a primitive's parameters, made real."""
+    """Complex dtypes named in a primitive's parameters (e.g. `preferred_element_type`), made
+    real."""
     out = dict(params)
     for k, v in params.items():
-        try:
-            if v is not None and jnp.issubdtype(np.dtype(v), jnp.complexfloating):
-                out[k] = jnp.finfo(v).dtype
-        except TypeError:
-            pass
+        is_dtype = isinstance(v, np.dtype) or (isinstance(v, type) and issubclass(v, np.generic))
+        if is_dtype and jnp.issubdtype(v, jnp.complexfloating):
+            out[k] = jnp.finfo(v).dtype
     return out
 
 
