@@ -339,7 +339,9 @@ def _closed(j) -> tuple[Any, list]:
     return (j.jaxpr, list(j.consts)) if hasattr(j, "consts") else (j, [])
 
 
-def _while(eqn, args):
+def _while(eqn, args, live=None):
+    """`lax.while_loop` with real carries. `live[i]`: whether the loop's `i`-th result is used
+    later (unused carries, e.g. a solver's internal state, need no per-element select)."""
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     cconsts, bconsts, init = args[:cn], args[cn : cn + bn], args[cn + bn :]
@@ -349,13 +351,21 @@ def _while(eqn, args):
     def pred(c):
         return _eval(cj, cc, [*cconsts, *c])[0]
 
+    # A batched predicate (a `vmap`ped loop): as in JAX's lowering, elements whose predicate is
+    # false keep their carry. Only the carries the predicate reads or the program uses later
+    # need that: the others' values in finished elements never reach either (the elements of
+    # a `vmap`ped body do not mix).
+    read = _used(cj)
+    frozen = [(live is None or live[i]) or (v in read) for i, v in enumerate(cj.invars[cn:])]
+
     def body(c):
         new = _eval(bj, bc, [*bconsts, *c])
         if cj.outvars[0].aval.shape:
-            # A batched predicate (a `vmap`ped loop): as in JAX's lowering, elements whose
-            # predicate is false keep their carry.
             keep = pred(c)
-            new = jax.tree_util.tree_map(lambda n, o: _select(keep, n, o), new, list(c))
+            new = [
+                jax.tree_util.tree_map(lambda n, o: _select(keep, n, o), n, o) if f else n
+                for n, o, f in zip(new, c, frozen, strict=True)
+            ]
         return new
 
     return lax.while_loop(lambda c: jnp.any(pred(c)), body, list(init))
@@ -448,6 +458,12 @@ def _optimization_barrier(eqn, args):
     return jax.tree_util.tree_unflatten(tree, lax.optimization_barrier(flat))
 
 
+def _used(jaxpr) -> set:
+    """The variables a jaxpr reads (in its equations or as outputs)."""
+    refs = [v for e in jaxpr.eqns for v in e.invars] + list(jaxpr.outvars)
+    return {v for v in refs if not isinstance(v, jex.Literal)}
+
+
 def _read(env: dict, v):
     if isinstance(v, jex.Literal):
         return _split(v.val, v.aval)
@@ -456,6 +472,7 @@ def _read(env: dict, v):
 
 def _eval(jaxpr, consts, args) -> list:
     env: dict = {}
+    used = _used(jaxpr)
     for v, x in zip(jaxpr.constvars, consts, strict=True):
         env[v] = _split(x, v.aval)
     for v, x in zip(jaxpr.invars, args, strict=True):
@@ -466,6 +483,8 @@ def _eval(jaxpr, consts, args) -> list:
         out = _batched_scatter(eqn, ins) if name == "scatter" else None
         if out is not None:
             pass
+        elif name == "while":
+            out = _while(eqn, ins, [v in used for v in eqn.outvars])
         elif name in _HIGHER_ORDER:
             out = _HIGHER_ORDER[name](eqn, ins)
         elif name == "optimization_barrier":
