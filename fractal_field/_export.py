@@ -68,11 +68,11 @@ def export_onnx(
     opset: int = 23,
 ):
     """ONNX model (an `onnx.ModelProto`; also written to `path` if given) computing
-    `model.batched(x)[0]` (logits) for float32 batches of `shape` `(b, c, H, W)`: input
-    `"images"`, output `"logits"`.
+    `model.batched(x)[0]` (logits) for float32 batches of `shape` `(b, c, H, W)` (a fixed
+    batch size): input `"images"`, output `"logits"`.
 
     Encoder, field solve and readout are one graph; the fixed-point solve stays a loop (an ONNX
-    `Loop` with the same stopping test as in JAX). ONNX Runtime has no complex arithmetic, so
+    `Loop` with the same stopping test as in JAX). ONNX Runtime has almost no complex kernels, so
     the traced model is replayed with every complex value as a real/imaginary pair (FFTs as
     products with DFT matrices, Anderson's small complex solve as a real one) and that real
     program is converted by `jax2onnx`. Solvers: `ff.Naive` and `ff.Anderson`. Needs the
