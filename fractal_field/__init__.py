@@ -48,7 +48,7 @@ from ._distributed import (
 )
 from ._energy import AbstractEnergyMap as AbstractEnergyMap
 from ._equilibrium import EquilibriumPropagation as EquilibriumPropagation
-from ._export import export_classifier as export_classifier
+from ._export import export_classifier as export_classifier, export_onnx as export_onnx
 from ._fixed_point import fixed_point as fixed_point
 from ._jacobian import jacobian_penalty as jacobian_penalty
 from ._kron_graph import kron_adjacency as kron_adjacency, kron_labels as kron_labels

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import equinox as eqx
@@ -11,6 +12,19 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 Carry = dict[str, Any]
+
+_plain = [False]
+
+
+@contextlib.contextmanager
+def plain_batching() -> Iterator[None]:
+    """Within this context `while_done` traces as a plain `lax.while_loop` (batched by JAX's
+    own rule), for tools that rewrite traced programs, like the ONNX export."""
+    _plain.append(True)
+    try:
+        yield
+    finally:
+        _plain.pop()
 
 
 def _where_leading(pred, a, b):
@@ -39,6 +53,8 @@ def while_done(
     `operands` and `carry` are pytrees whose leaves are arrays or static values; `body` must
     not close over traced arrays (pass them in `operands`).
     """
+    if _plain[-1]:
+        return jax.lax.while_loop(lambda c: ~c["done"], lambda c: body(operands, c), carry)
     dyn_ops, static_ops = eqx.partition(operands, eqx.is_array)
     dyn_carry, static_carry = eqx.partition(carry, eqx.is_array)
 
