@@ -120,20 +120,27 @@ class ImplicitAdjoint(AbstractAdjoint):
         return value, result, stats
 
 
-@eqx.filter_custom_vjp
-def _implicit(vjp_arg, z0, cfg, adjoint):
-    fn, args, _ = vjp_arg
-    return solve_loop(fn, z0, args, cfg)
+def solve_at_fixed_point(bwd):
+    """`solve(vjp_arg, z0, cfg, adjoint)`: the forward solve of `vjp_arg = (fn, args, probe)`
+    with a custom VJP that keeps only `z*` and calls
+    `bwd(z_star, grad_obj, perturbed, vjp_arg, z0, cfg, adjoint)` for the gradients of
+    `(fn, args, probe)`."""
+
+    @eqx.filter_custom_vjp
+    def solve(vjp_arg, z0, cfg, adjoint):
+        fn, args, _ = vjp_arg
+        return solve_loop(fn, z0, args, cfg)
+
+    @solve.def_fwd
+    def _fwd(perturbed, vjp_arg, z0, cfg, adjoint):
+        fn, args, _ = vjp_arg
+        out = solve_loop(fn, z0, args, cfg)
+        return out, out[0]
+
+    solve.def_bwd(bwd)
+    return solve
 
 
-@_implicit.def_fwd
-def _implicit_fwd(perturbed, vjp_arg, z0, cfg, adjoint):
-    fn, args, _ = vjp_arg
-    out = solve_loop(fn, z0, args, cfg)
-    return out, out[0]
-
-
-@_implicit.def_bwd
 def _implicit_bwd(z_star, grad_obj, perturbed, vjp_arg, z0, cfg, adjoint: ImplicitAdjoint):
     fn, args, probe = vjp_arg
     g_value = grad_obj[0]
@@ -178,6 +185,9 @@ def _implicit_bwd(z_star, grad_obj, perturbed, vjp_arg, z0, cfg, adjoint: Implic
     ).astype(probe.dtype)
     probe_ct = probe_ct if perturbed[2] else None
     return g_params[0], g_params[1], probe_ct
+
+
+_implicit = solve_at_fixed_point(_implicit_bwd)
 
 
 class ReversibleAdjoint(AbstractAdjoint):

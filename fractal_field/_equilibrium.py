@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._adjoint import BACKWARD_STATS, AbstractAdjoint, _stop
+from ._adjoint import BACKWARD_STATS, AbstractAdjoint, _stop, solve_at_fixed_point
 from ._energy import AbstractEnergyMap
 from ._fixed_point import _Config, solve_loop, strip_tangent
 from ._misc import state_real_dtype, tree_norm
@@ -65,20 +65,6 @@ class EquilibriumPropagation(AbstractAdjoint):
         return _ep((fn, args, probe), _stop(z0), cfg, self)
 
 
-@eqx.filter_custom_vjp
-def _ep(vjp_arg, z0, cfg, adjoint):
-    fn, args, _ = vjp_arg
-    return solve_loop(fn, z0, args, cfg)
-
-
-@_ep.def_fwd
-def _ep_fwd(perturbed, vjp_arg, z0, cfg, adjoint):
-    fn, args, _ = vjp_arg
-    out = solve_loop(fn, z0, args, cfg)
-    return out, out[0]
-
-
-@_ep.def_bwd
 def _ep_bwd(z_star, grad_obj, perturbed, vjp_arg, z0, cfg, adjoint: EquilibriumPropagation):
     fn, args, probe = vjp_arg
     # JAX's cotangent of a real loss is conj(dL/dRe + i dL/dIm): its conjugate is the
@@ -128,3 +114,6 @@ def _ep_bwd(z_star, grad_obj, perturbed, vjp_arg, z0, cfg, adjoint: EquilibriumP
     residual = jnp.max(jnp.stack([st.relative_residual.astype(jnp.float32) for _, st in solves]))
     probe_ct = jnp.stack([steps, residual, failed]).astype(probe.dtype)
     return grads[0], grads[1], probe_ct if perturbed[2] else None
+
+
+_ep = solve_at_fixed_point(_ep_bwd)
