@@ -95,11 +95,18 @@ def _canonical(config: dict, ignore) -> bytes:
     return json.dumps(flat, sort_keys=True, default=str).encode()
 
 
-def check_processes_agree(config: dict, *, ignore: tuple[str, ...] = HOST_LOCAL_KEYS) -> None:
+def check_processes_agree(
+    config: dict,
+    *,
+    ignore: tuple[str, ...] = HOST_LOCAL_KEYS,
+    subject: str = "config",
+    hint: str = "start every process with the same config",
+) -> None:
     """Raise `ConfigMismatchError` on every process unless all processes hold the same config.
 
     Keys in `ignore` may differ. A process whose config differs from process 0's names the
-    differing keys; process 0 names the processes that differ. One process: no-op.
+    differing keys; process 0 names the processes that differ. One process: no-op. `subject`
+    and `hint` word the error for other agreements (e.g. the step to resume from).
     """
     if jax.process_count() == 1:
         return
@@ -120,15 +127,15 @@ def check_processes_agree(config: dict, *, ignore: tuple[str, ...] = HOST_LOCAL_
     me = jax.process_index()
     if me == 0:
         raise ConfigMismatchError(
-            f"processes {differ} were started with a different config than process 0 "
-            "(each of them lists the differences); start every process with the same config."
+            f"processes {differ} have a different {subject} than process 0 "
+            f"(each of them lists the differences); {hint}."
         )
     if me in differ:
         diffs = config_differences(json.loads(blob), json.loads(ref))
         raise ConfigMismatchError(
-            f"process {me}'s config differs from process 0's: " + "; ".join(diffs) + "."
+            f"process {me}'s {subject} differs from process 0's: " + "; ".join(diffs) + f"; {hint}."
         )
     raise ConfigMismatchError(
-        f"processes {differ} were started with a different config than process 0; this "
-        f"process ({me}) agrees with process 0."
+        f"processes {differ} have a different {subject} than process 0; this process ({me}) "
+        f"agrees with process 0; {hint}."
     )

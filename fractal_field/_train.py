@@ -527,7 +527,14 @@ def train(
             model, opt_state = load_checkpoint(last, (model, opt_state))
         state = {k: meta[k] for k in state}
         print(f"Resumed from {last} at epoch {state['epoch']} step {state['step']}.", flush=True)
-    elif main:
+    # Without storage every host shares, only process 0 finds the checkpoint it wrote.
+    check_processes_agree(
+        {"resume step": state["step"]},
+        subject="checkpoint to resume from",
+        hint=f"put the workdir ({workdir}) on storage that every host shares, or copy "
+        "process 0's checkpoints/last.eqx to every host",
+    )
+    if main and not last.exists():
         print(param_summary(model), flush=True)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))

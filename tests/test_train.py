@@ -676,6 +676,33 @@ def test_processes_with_different_configs_refuse_to_start(tmp_path):
     assert not (tmp_path / "w0").exists() and not (tmp_path / "w1").exists()
 
 
+def test_processes_that_would_resume_from_different_steps_refuse(tmp_path):
+    # Hosts without shared storage: process 0's workdir holds a checkpoint at step 3,
+    # process 1's is empty. Both stop, naming the steps, instead of training apart.
+    ff.train(ff.load_config(SMOKE), tmp_path / "w0", progress=False, stop_after_steps=3)
+    script = tmp_path / "mismatch.py"
+    script.write_text(MISMATCH_CODE)
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port), str(tmp_path / f"w{i}"), SMOKE],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errs = []
+    for p in procs:
+        _, stderr = p.communicate(timeout=300)
+        assert p.returncode == 3, stderr[-3000:]
+        errs.append([line for line in stderr.splitlines() if line.startswith("error:")][-1])
+    assert "processes [1] have a different checkpoint to resume from" in errs[0]
+    assert "process 1's checkpoint to resume from differs from process 0's: " in errs[1]
+    assert "resume step: 0 != 3" in errs[1] and "storage that every host shares" in errs[1]
+
+
 def test_unreachable_coordinator_is_a_clear_error(tmp_path):
     port = _free_port()  # nothing listens there
     args = [
