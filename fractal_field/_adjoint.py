@@ -34,6 +34,28 @@ def _stop(tree):
     return jtu.tree_map(lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
 
 
+def value_cotangent(grad_obj, like):
+    """The cotangent of a solve's value with symbolic zeros (`None`) made real zeros."""
+    return jtu.tree_map(
+        lambda ct, z: jnp.zeros_like(z) if ct is None else ct,
+        grad_obj[0],
+        like,
+        is_leaf=lambda x: x is None,
+    )
+
+
+def map_of_perturbed(fn, args, perturbed):
+    """`(at, dyn)`: `at(z, dyn) = fn(z, args)` with the differentiated parts of `(fn, args)`
+    (as `perturbed` marks them) split out as `dyn`."""
+    dyn, rest = eqx.partition((fn, args), (perturbed[0], perturbed[1]))
+
+    def at(z, d):
+        f, a = eqx.combine(d, rest)
+        return f(z, a)
+
+    return at, dyn
+
+
 class AbstractAdjoint(eqx.Module):
     """Decides how gradients flow through a fixed-point solve."""
 
@@ -143,18 +165,8 @@ def solve_at_fixed_point(bwd):
 
 def _implicit_bwd(z_star, grad_obj, perturbed, vjp_arg, z0, cfg, adjoint: ImplicitAdjoint):
     fn, args, probe = vjp_arg
-    g_value = grad_obj[0]
-    g = jtu.tree_map(
-        lambda ct, z: jnp.zeros_like(z) if ct is None else ct,
-        g_value,
-        z_star,
-        is_leaf=lambda x: x is None,
-    )
-    dyn, rest = eqx.partition((fn, args), (perturbed[0], perturbed[1]))
-
-    def at(y, d):
-        f, a = eqx.combine(d, rest)
-        return f(y, a)
+    g = value_cotangent(grad_obj, z_star)
+    at, dyn = map_of_perturbed(fn, args, perturbed)
 
     # Linearise once, in `z` and the parameters together: the backward loop uses the `z` part
     # (the parameter part is dead code there), the final step the parameter part.
@@ -245,17 +257,8 @@ def _reversible_bwd(residuals, grad_obj, perturbed, vjp_arg, cfg):
     fn, args, z0, probe = vjp_arg
     z_n, y_n, num_steps, polished = residuals
     beta = cfg.solver.beta
-    g = jtu.tree_map(
-        lambda ct, z: jnp.zeros_like(z) if ct is None else ct,
-        grad_obj[0],
-        z_n,
-        is_leaf=lambda x: x is None,
-    )
-    dyn, rest = eqx.partition((fn, args), (perturbed[0], perturbed[1]))
-
-    def f(z, d):
-        fn_, a = eqx.combine(d, rest)
-        return fn_(z, a)
+    g = value_cotangent(grad_obj, z_n)
+    f, dyn = map_of_perturbed(fn, args, perturbed)
 
     def scale(c, tree):
         return jtu.tree_map(lambda x: (c * x).astype(x.dtype), tree)

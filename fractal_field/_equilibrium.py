@@ -7,7 +7,13 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._adjoint import BACKWARD_STATS, AbstractAdjoint, _stop, solve_at_fixed_point
+from ._adjoint import (
+    BACKWARD_STATS,
+    AbstractAdjoint,
+    _stop,
+    solve_at_fixed_point,
+    value_cotangent,
+)
 from ._energy import AbstractEnergyMap
 from ._fixed_point import _Config, solve_loop, strip_tangent
 from ._misc import state_real_dtype, tree_norm
@@ -69,12 +75,7 @@ def _ep_bwd(z_star, grad_obj, perturbed, vjp_arg, z0, cfg, adjoint: EquilibriumP
     fn, args, probe = vjp_arg
     # JAX's cotangent of a real loss is conj(dL/dRe + i dL/dIm): its conjugate is the
     # gradient as a vector, the direction of the nudge.
-    g = jtu.tree_map(
-        lambda ct, z: jnp.zeros_like(z) if ct is None else jnp.conj(ct),
-        grad_obj[0],
-        z_star,
-        is_leaf=lambda x: x is None,
-    )
+    g = jtu.tree_map(jnp.conj, value_cotangent(grad_obj, z_star))
     rdtype = state_real_dtype(z_star)
     size = jnp.maximum(tree_norm(z_star).astype(rdtype), 1.0)
     s = adjoint.beta * size / jnp.maximum(tree_norm(g).astype(rdtype), jnp.finfo(rdtype).tiny)
