@@ -648,17 +648,16 @@ except ff.ConfigMismatchError as e:
 """
 
 
-def test_processes_with_different_configs_refuse_to_start(tmp_path):
-    # Process 1 is started with another learning rate and its own data directory (allowed):
-    # both refuse before loading data, process 1 naming the key, process 0 naming process 1.
+def _refusing_pair(tmp_path, overrides=((), ())) -> list[str]:
+    """Start `MISMATCH_CODE` as processes 0 and 1 (workdirs `w0`, `w1`); both must refuse
+    (exit 3). Returns each one's `error:` line."""
     script = tmp_path / "mismatch.py"
     script.write_text(MISMATCH_CODE)
     port = _free_port()
-    overrides = [[], ["optim.lr=0.5", "data.data_dir=elsewhere"]]
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), str(i), str(port), str(tmp_path / f"w{i}"), SMOKE]
-            + overrides[i],
+            + list(overrides[i]),
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -671,6 +670,14 @@ def test_processes_with_different_configs_refuse_to_start(tmp_path):
         _, stderr = p.communicate(timeout=300)
         assert p.returncode == 3, stderr[-3000:]
         errs.append([line for line in stderr.splitlines() if line.startswith("error:")][-1])
+    return errs
+
+
+def test_processes_with_different_configs_refuse_to_start(tmp_path):
+    # Process 1 is started with another learning rate and its own data directory (allowed):
+    # both refuse before loading data, process 1 naming the key, process 0 naming process 1.
+    overrides = [[], ["optim.lr=0.5", "data.data_dir=elsewhere"]]
+    errs = _refusing_pair(tmp_path, overrides)
     assert "processes [1]" in errs[0] and "different config" in errs[0]
     assert "process 1's config differs from process 0's: optim.lr: 0.5 != " in errs[1]
     assert "data_dir" not in errs[1]
@@ -681,24 +688,7 @@ def test_processes_that_would_resume_from_different_steps_refuse(tmp_path):
     # Hosts without shared storage: process 0's workdir holds a checkpoint at step 3,
     # process 1's is empty. Both stop, naming the steps, instead of training apart.
     ff.train(ff.load_config(SMOKE), tmp_path / "w0", progress=False, stop_after_steps=3)
-    script = tmp_path / "mismatch.py"
-    script.write_text(MISMATCH_CODE)
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(i), str(port), str(tmp_path / f"w{i}"), SMOKE],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    errs = []
-    for p in procs:
-        _, stderr = p.communicate(timeout=300)
-        assert p.returncode == 3, stderr[-3000:]
-        errs.append([line for line in stderr.splitlines() if line.startswith("error:")][-1])
+    errs = _refusing_pair(tmp_path)
     assert "processes [1] have a different checkpoint to resume from" in errs[0]
     assert "process 1's checkpoint to resume from differs from process 0's: " in errs[1]
     assert "resume step: 0 != 3" in errs[1] and "storage that every host shares" in errs[1]
