@@ -10,7 +10,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data = dict(
-        name="cifar10", data_dir=None, source="auto", augment=False, train_size=0, test_size=0
+        name="cifar10",
+        data_dir=None,
+        source="auto",
+        augment=False,
+        train_size=0,
+        test_size=0,
+        # > 0: cut each split into that many shards (a multiple of the processes); each
+        # process then loads only its own (`ff.data.ShardedDataset`).
+        shards=0,
     )
     # The `cifar_small` preset (64 complex field channels, 3x3 kernel, 4x4 readout with phase
     # features) with a 32-map ReLU stem in the encoder (142,410 real parameters), the batch
@@ -38,7 +46,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.fractal_probe_every = 0
 
     if variant == "smoke":
-        c.data = dict(name="synthetic", image_size=8, train_size=128, test_size=64)
+        c.data = dict(name="synthetic", image_size=8, train_size=128, test_size=64, shards=0)
         c.model = dict(preset="tiny", stem=4, batch_solve="planar", max_steps=10, rtol=1e-3)
         c.batch_size = 32
         c.epochs = 1

@@ -18,6 +18,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         augment=dict(padding=2, flip=False),
         train_size=0,
         test_size=0,
+        # > 0: cut each split into that many shards (a multiple of the processes); each
+        # process then loads only its own (`ff.data.ShardedDataset`).
+        shards=0,
     )
     c.model = dict(preset="nano", max_steps=25, rtol=1e-3)
     c.solver = dict(name="anderson", history=5)
@@ -44,7 +47,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.fractal_probe_every = 0
 
     if variant == "smoke":
-        c.data = dict(name="synthetic", image_size=8, train_size=256, test_size=128)
+        c.data = dict(name="synthetic", image_size=8, train_size=256, test_size=128, shards=0)
         c.model = dict(preset="tiny", max_steps=15, rtol=1e-3)
         c.adjoint = dict(name="implicit", max_steps=15, rtol=1e-3, throw=False)
         c.batch_size = 32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -42,7 +43,14 @@ from ._equilibrium import EquilibriumPropagation
 from ._model import FieldClassifier, count_params, make_model, param_summary
 from ._solution import RESULTS
 from ._solver import Anderson, Naive, Reversible
-from .data import ArrayDataset, augment, load_dataset
+from .data import (
+    ArrayDataset,
+    ShardedDataset,
+    augment,
+    load_dataset,
+    load_sharded,
+    process_shards,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks from a config
@@ -148,15 +156,27 @@ def synthetic_dataset(
     return ArrayDataset(images, labels, names, (0.5,) * channels, (0.25,) * channels, "synthetic")
 
 
-def load_data(config, split: str) -> ArrayDataset:
+def load_data(config, split: str) -> ArrayDataset | ShardedDataset:
+    """The split `config.data` describes; with `data.shards > 0`, only this process's shards
+    of it (`ff.data.ShardedDataset`)."""
     d = config.data
+    limit = d.get(f"{split}_size")
     if d.name == "synthetic":
         n = d.get("train_size", 256) if split == "train" else d.get("test_size", 128)
-        return synthetic_dataset(
+        full = synthetic_dataset(
             n, image_size=d.get("image_size", 8), seed=0 if split == "train" else 1
         )
-    ds = load_dataset(d.name, split, data_dir=d.get("data_dir"), source=d.get("source", "auto"))
-    limit = d.get(f"{split}_size")
+        load = lambda select=None: full if select is None else full.subset_of(select)  # noqa: E731
+        limit = 0
+    else:
+        load = functools.partial(
+            load_dataset, d.name, split, data_dir=d.get("data_dir"), source=d.get("source", "auto")
+        )
+    shards = d.get("shards", 0)
+    if shards:
+        first, count = process_shards(shards, jax.process_index(), jax.process_count())
+        return load_sharded(load, num_shards=shards, first=first, count=count, limit=limit or 0)
+    ds = load()
     # A random (seeded) subset: files are often sorted by class.
     return ds.subset(limit, seed=0) if limit else ds
 
@@ -280,24 +300,29 @@ def ema_model(ema, model):
 
 
 @eqx.filter_jit
-def eval_step(model, images, labels):
+def eval_step(model, images, labels, mask=None):
     """Sums over the batch (replicated scalars and a confusion matrix, so the step also runs on
-    a batch sharded over several hosts)."""
+    a batch sharded over several hosts); `mask` (bool, per example) leaves out padding."""
     logits, sol = _forward(model, images, None)
     pred = jnp.argmax(logits, -1)
     k = logits.shape[-1]
+    w = jnp.ones(labels.shape, jnp.int32) if mask is None else mask.astype(jnp.int32)
+
+    def total(v):
+        return jnp.sum(jnp.where(w > 0, v, 0))
+
     return dict(
-        correct=jnp.sum(pred == labels),
-        steps=jnp.sum(sol.stats.num_steps),
-        residual=jnp.sum(sol.stats.relative_residual),
-        failed=jnp.sum(sol.result != RESULTS.successful),
-        confusion=jnp.zeros((k, k), jnp.int32).at[labels, pred].add(1),
+        correct=total(pred == labels),
+        steps=total(sol.stats.num_steps),
+        residual=total(sol.stats.relative_residual),
+        failed=total(sol.result != RESULTS.successful),
+        confusion=jnp.zeros((k, k), jnp.int32).at[labels, pred].add(w),
     )
 
 
 def evaluate(
     model,
-    dataset: ArrayDataset,
+    dataset: ArrayDataset | ShardedDataset,
     *,
     batch_size: int = 500,
     sharding=None,
@@ -305,37 +330,49 @@ def evaluate(
 ) -> dict:
     """Accuracy, mean forward solver steps and relative residual, and confusion matrix.
 
+    A `ShardedDataset` is evaluated in global batches of `batch_size` rounded up to a multiple
+    of the shards and devices, each process giving its shards' slices (padding masked out).
     `progress=True` shows a progress bar (tqdm, on stderr).
     """
     k = dataset.num_classes
     conf = np.zeros((k, k), np.int64)
     totals = dict(correct=0, steps=0.0, residual=0.0, failed=0)
-    n = 0
-    batches = dataset.batches(batch_size, seed=0, epoch=0, shuffle=False, drop_last=False)
+    multi = jax.process_count() > 1
+    if isinstance(dataset, ShardedDataset):
+        if multi and sharding is None:
+            raise ValueError("Multi-host evaluation of a ShardedDataset needs a `sharding`.")
+        devices = 1 if sharding is None else sharding.mesh.size
+        batches = dataset.eval_batches(batch_size, devices)
+        num_batches = -(-dataset.size // dataset.eval_batch_size(batch_size, devices))
+        n = dataset.size
+    else:
+        batches = dataset.batches(batch_size, seed=0, epoch=0, shuffle=False, drop_last=False)
+        num_batches = dataset.num_batches(batch_size, drop_last=False)
+        n = len(dataset)
     if progress:
         from tqdm import tqdm
 
         batches = tqdm(
             batches,
-            total=dataset.num_batches(batch_size, drop_last=False),
+            total=num_batches,
             desc=f"evaluating {dataset.name} {dataset.split}".rstrip(),
             unit="batch",
         )
-    for images, labels in batches:
-        x = np.asarray(dataset.normalize(images))
-        labels = np.asarray(labels, np.int32)
-        if sharding is not None and len(images) % sharding.mesh.size == 0:
-            x, labels = (_host_batch_to_global(a, sharding) for a in (x, labels))
-        elif jax.process_count() > 1:
+    for images, labels, *mask in batches:
+        arrays = [np.asarray(dataset.normalize(images)), np.asarray(labels, np.int32), *mask]
+        if mask and sharding is not None:  # a ShardedDataset's slice of each global batch
+            arrays = [_local_batch_to_global(a, sharding) for a in arrays]
+        elif sharding is not None and len(images) % sharding.mesh.size == 0:
+            arrays = [_host_batch_to_global(a, sharding) for a in arrays]
+        elif multi:
             raise ValueError(
                 f"Multi-host evaluation needs a `sharding` and batches divisible by the "
                 f"{jax.device_count()} devices (a batch of {dataset} has {len(images)} examples)."
             )
-        out = eval_step(model, x, labels)
+        out = eval_step(model, *arrays)
         for name in totals:
             totals[name] += float(out[name])
         conf += np.asarray(out["confusion"], np.int64)
-        n += len(labels)
     return dict(
         accuracy=totals["correct"] / n,
         mean_steps=totals["steps"] / n,
@@ -353,6 +390,14 @@ def evaluate(
 def _mesh():
     devices = np.array(jax.devices())
     return Mesh(devices, ("data",))
+
+
+def _local_batch_to_global(x, sharding):
+    """This process's consecutive slice `x` of a global batch -> the global array."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, x, shape)
 
 
 def _host_batch_to_global(x, sharding):
@@ -448,8 +493,13 @@ def _ckpt_meta(config, **extra) -> dict:
     return dict(config=config.to_dict(), **extra)
 
 
-def _describe(ds: ArrayDataset, split: str) -> str:
+def _describe(ds: ArrayDataset | ShardedDataset, split: str) -> str:
     where = f"from {ds.origin}" if ds.origin else "generated in memory"
+    if isinstance(ds, ShardedDataset):
+        return (
+            f"{ds.name} {split} ({ds.size} examples in {ds.num_shards} shards; this process "
+            f"holds shards {ds.first}-{ds.first + ds.count - 1}: {len(ds)} examples) {where}"
+        )
     return f"{ds.name} {split} ({len(ds)} examples) {where}"
 
 
@@ -494,7 +544,8 @@ def train(
         raise ValueError(f"batch_size {bs} must be divisible by the {n_dev} devices.")
     steps_per_epoch = train_ds.num_batches(bs)
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {bs} exceeds the {len(train_ds)} training examples.")
+        n_train = train_ds.size if isinstance(train_ds, ShardedDataset) else len(train_ds)
+        raise ValueError(f"batch_size {bs} exceeds the {n_train} training examples.")
 
     # Every process runs this function; only the first writes logs and checkpoints.
     main = jax.process_index() == 0
@@ -555,6 +606,10 @@ def train(
         # A copy: the training step donates the model's buffers.
         ema = jax.tree_util.tree_map(jnp.copy, eqx.filter(model, eqx.is_inexact_array))
     ema = eqx.filter_shard(ema, replicated)
+    # Sharded data: each process holds its consecutive slice of every global batch.
+    to_global = (
+        _local_batch_to_global if isinstance(train_ds, ShardedDataset) else _host_batch_to_global
+    )
     train_step = make_train_step(
         optimizer,
         config.data.get("augment", False),
@@ -645,8 +700,8 @@ def train(
                     if interrupt.flag:  # e.g. a signal during the last epoch's checkpoints
                         stopped = signal.Signals(interrupt.signum).name
                         break
-                    x = _host_batch_to_global(np.asarray(train_ds.normalize(images)), data_sharding)
-                    y = _host_batch_to_global(labels, data_sharding)
+                    x = to_global(np.asarray(train_ds.normalize(images)), data_sharding)
+                    y = to_global(labels, data_sharding)
                     step_key = jr.fold_in(aug_key, state["step"])
                     # Phase-flow probe (`ff.fractal.log_phase_flow`), before the step donates x, y.
                     every = config.get("fractal_probe_every", 0)

@@ -540,3 +540,149 @@ def test_real_cifar10_test_split():
     np.testing.assert_array_equal(np.bincount(test.labels), [1000] * 10)
     mean = test.images.reshape(-1, 3).mean(0) / 255
     np.testing.assert_allclose(mean, data.CIFAR10_MEAN, atol=0.01)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards: each process loads only its own
+
+
+def _holders(ds: ArrayDataset, num_shards: int, processes: int) -> list[data.ShardedDataset]:
+    """Process p's `ShardedDataset` of `ds`, for each p (as `load_sharded` builds it)."""
+    out = []
+    for p in range(processes):
+        first, count = data.process_shards(num_shards, p, processes)
+        out.append(
+            data.load_sharded(
+                lambda select: ds.subset_of(select), num_shards=num_shards, first=first, count=count
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize(("n", "num_shards", "batch"), [(23, 2, 4), (50, 4, 8), (41, 4, 4)])
+def test_shard_batches_are_the_same_global_batches_for_any_process_count(n, num_shards, batch):
+    ds = _toy(n)
+    (whole,) = _holders(ds, num_shards, 1)
+    assert whole.num_batches(batch) == (n // num_shards) // (batch // num_shards)
+    for epoch in (0, 1):
+        glob = [b[0] for b in whole.batches(batch, seed=3, epoch=epoch)]
+        assert len(glob) == whole.num_batches(batch)
+        flat = np.concatenate(glob).reshape(len(glob) * batch, -1)
+        assert len(np.unique(flat, axis=0)) == len(flat)  # no example twice in an epoch
+        for b, x in enumerate(glob):  # slice j of every batch comes from shard j
+            k = batch // num_shards
+            for j in range(num_shards):
+                rows = [
+                    np.flatnonzero((ds.images == r).all(axis=(1, 2, 3)))[0]
+                    for r in x[j * k : (j + 1) * k]
+                ]
+                assert all(r % num_shards == j for r in rows), (b, j, rows)
+        for processes in [p for p in (2, 4) if num_shards % p == 0]:
+            parts = _holders(ds, num_shards, processes)
+            assert sum(len(h) for h in parts) == n  # each example held by one process
+            local = [list(h.batches(batch, seed=3, epoch=epoch)) for h in parts]
+            for b, x in enumerate(glob):
+                np.testing.assert_array_equal(np.concatenate([lb[b][0] for lb in local]), x)
+            resumed = list(parts[-1].batches(batch, seed=3, epoch=epoch, start_batch=1))
+            np.testing.assert_array_equal(resumed[0][1], local[-1][1][1])
+    # The order is a function of the seed and the epoch.
+    a, b, c = (next(whole.batches(batch, seed=s, epoch=e))[1] for s, e in [(3, 0), (4, 0), (3, 1)])
+    assert not np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize(
+    ("n", "num_shards", "processes", "batch", "devices"), [(23, 2, 2, 5, 2), (41, 4, 2, 8, 4)]
+)
+def test_shard_evaluation_batches_cover_every_example_once(
+    n, num_shards, processes, batch, devices
+):
+    ds = _toy(n)
+    parts = _holders(ds, num_shards, processes)
+    size = parts[0].eval_batch_size(batch, devices)
+    assert size >= batch and size % num_shards == 0 and size % devices == 0
+    seen = []
+    for h in parts:
+        for images, labels, mask in h.eval_batches(batch, devices):
+            assert len(images) == size // processes
+            seen += [img for img, m in zip(images, mask, strict=True) if m]
+            assert not images[~mask].any() and not labels[~mask].any()
+    seen = np.stack(seen).reshape(len(seen), -1)
+    np.testing.assert_array_equal(
+        np.unique(seen, axis=0), np.unique(ds.images.reshape(n, -1), axis=0)
+    )
+    assert len(seen) == n
+
+
+def test_shard_bad_arguments():
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        data.process_shards(4, 0, 3)
+    with pytest.raises(ValueError, match="positive integer"):
+        data.process_shards(0, 0, 1)
+    (whole,) = _holders(_toy(), 2, 1)
+    with pytest.raises(
+        ValueError, match="batch_size 5 must be a positive multiple of data.shards=2"
+    ):
+        whole.num_batches(5)
+    with pytest.raises(ValueError, match="cannot fill data.shards=30"):
+        _holders(_toy(), 30, 1)
+    with pytest.raises(ValueError, match="increasing indices"):
+        _toy().subset_of(lambda n: np.array([3, 1]))
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_folder_select_decodes_only_the_selected_images(tmp_path, monkeypatch, archive):
+    tree = tmp_path / "tree"
+    images, labels = write_folder(tree / "mydata", "train", ["b", "a", "c"], 4, ext="png")
+    root = tree / "mydata"
+    if archive:
+        root = tmp_path / "mydata.tar.gz"
+        with tarfile.open(root, "w:gz") as tar:
+            tar.add(tree / "mydata", arcname="mydata")
+    decoded = []
+    real = data.formats._decode_image
+    monkeypatch.setattr(
+        data.formats,
+        "_decode_image",
+        lambda src, name, *a: decoded.append(name) or real(src, name, *a),
+    )
+    pick = np.array([1, 4, 5, 11])
+    ds = load_dataset("folder", "train", data_dir=root, select=lambda n: pick if n == 12 else None)
+    np.testing.assert_array_equal(ds.images, images[pick])
+    np.testing.assert_array_equal(ds.labels, labels[pick])
+    assert ds.class_names == ("a", "b", "c")  # the whole split's labelling
+    assert len(decoded) == len(pick) + 1  # (the first image is decoded once more for its shape)
+    decoded.clear()
+    again = load_dataset("folder", "train", data_dir=root, select=lambda n: pick)
+    np.testing.assert_array_equal(again.images, images[pick])
+    assert not decoded  # from the selection's own cache
+    other = load_dataset("folder", "train", data_dir=root, select=lambda n: np.array([0, 2]))
+    np.testing.assert_array_equal(other.images, images[[0, 2]])
+
+
+def test_raw_formats_and_tfds_select(tmp_path, monkeypatch):
+    images, labels = write_mnist(tmp_path / "mnist", "test", 9, gz=True)
+    ds = load_dataset("mnist", "test", data_dir=tmp_path, select=lambda n: np.arange(1, n, 3))
+    np.testing.assert_array_equal(ds.images[..., 0], images[1::3])
+    np.testing.assert_array_equal(ds.labels, labels[1::3])
+    asked = []
+
+    class Source:
+        dataset_info = types.SimpleNamespace(
+            features={"label": types.SimpleNamespace(names=list("0123456789"))}
+        )
+
+        def __len__(self):
+            return 7
+
+        def __getitems__(self, keys):
+            asked.extend(keys)
+            return [
+                {"image": np.full((28, 28, 1), k, np.uint8), "label": np.int64(k)} for k in keys
+            ]
+
+    fake = types.ModuleType("tensorflow_datasets")
+    fake.data_source = lambda name, **kwargs: Source()
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+    ds = load_dataset("mnist", "test", source="tfds", select=lambda n: np.array([2, 6]))
+    assert asked == [2, 6]  # only the selected records are read
+    np.testing.assert_array_equal(ds.labels, [2, 6])

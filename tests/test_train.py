@@ -535,15 +535,18 @@ def test_augment_options_bad_key():
 MULTIHOST_CODE = r"""
 import json, sys
 import jax
-pid, nproc, port, workdir, config_spec = sys.argv[1:]
+pid, nproc, port, workdir, config_spec, *overrides = sys.argv[1:]
 pid, nproc = int(pid), int(nproc)
 if nproc > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
 import fractal_field as ff
-summary = ff.train(ff.load_config(config_spec), workdir, progress=False)
+from fractal_field._train import load_data
+config = ff.load_config(config_spec, overrides)
+summary = ff.train(config, workdir, progress=False)
 print(json.dumps(dict(devices=jax.device_count(), processes=jax.process_count(),
-                      accuracy=summary["accuracy"], step=summary["state"]["step"])))
+                      accuracy=summary["accuracy"], step=summary["state"]["step"],
+                      held=len(load_data(config, "train")))))
 """
 
 
@@ -556,9 +559,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_multi_host_training_equals_single_process(tmp_path):
+@pytest.mark.parametrize("shards", [0, 4])
+def test_multi_host_training_equals_single_process(tmp_path, shards):
     # Two processes with two CPU devices each (jax.distributed, gloo collectives) against one
     # process with four devices: the same global batches, so the same parameters and accuracy.
+    # With `data.shards=4` each of the two processes loads only its half of the data.
     script = tmp_path / "multihost.py"
     script.write_text(MULTIHOST_CODE)
 
@@ -567,6 +572,7 @@ def test_multi_host_training_equals_single_process(tmp_path):
             os.environ, XLA_FLAGS=_xla_flags(f"--xla_force_host_platform_device_count={devices}")
         )
         args = [sys.executable, str(script), str(pid), str(nproc), str(port), str(workdir), SMOKE]
+        args += [f"data.shards={shards}"]
         return subprocess.Popen(
             args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -583,6 +589,7 @@ def test_multi_host_training_equals_single_process(tmp_path):
     assert all(o["devices"] == 4 for o in outs)
     assert outs[0]["step"] == outs[2]["step"] == 16
     assert outs[0]["accuracy"] == outs[1]["accuracy"] == outs[2]["accuracy"]
+    assert [o["held"] for o in outs] == ([128, 128, 256] if shards else [256] * 3)
     # Only the first process writes checkpoints and logs.
     assert (tmp_path / "multi0" / "checkpoints" / "last.eqx").exists()
     assert not (tmp_path / "multi1" / "checkpoints").exists()
@@ -732,6 +739,25 @@ def test_config_differences_names_every_differing_key():
         "optim.lr: 0.1 != 0.2",
     ]
     assert config_differences(ours, ours) == []
+
+
+def test_sharded_evaluation_equals_the_plain_one():
+    # The test split in 4 shards, evaluated in padded, masked global batches of 48 (requested
+    # 45): the same accuracy, confusion matrix and solver steps as the plain evaluation.
+    config = ff.load_config(SMOKE, ["data.test_size=101"])
+    model = _train.build_model(config, key=jax.random.PRNGKey(0))
+    plain = _train.load_data(config, "test")
+    sharded = _train.load_data(
+        ff.load_config(SMOKE, ["data.test_size=101", "data.shards=4"]), "test"
+    )
+    assert isinstance(sharded, ff.data.ShardedDataset) and sharded.size == len(plain) == 101
+    a = _train.evaluate(model, plain, batch_size=45)
+    b = _train.evaluate(model, sharded, batch_size=45)
+    assert sharded.eval_batch_size(45) == 48
+    assert a["n"] == b["n"] == 101 and a["confusion"] == b["confusion"]
+    assert a["accuracy"] == b["accuracy"] and a["failed"] == b["failed"]
+    np.testing.assert_allclose(b["mean_steps"], a["mean_steps"], rtol=1e-6)
+    np.testing.assert_allclose(b["mean_residual"], a["mean_residual"], rtol=1e-5)
 
 
 def test_non_finite_loss_stops_before_checkpointing_it(tmp_path):

@@ -44,6 +44,7 @@ from .paths import (
     default_cache_dir,
     resolve_data_dir,
 )
+from .shards import ShardedDataset, load_sharded, process_shards, shard_indices
 from .tfds_source import load_tfds
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "MNIST_MEAN",
     "MNIST_STD",
     "ArrayDataset",
+    "ShardedDataset",
     "DataFormatError",
     "DataNotFoundError",
     "augment",
@@ -69,8 +71,11 @@ __all__ = [
     "load_dataset",
     "load_image_folder",
     "load_mnist_idx",
+    "load_sharded",
     "load_tfds",
     "normalize",
+    "process_shards",
     "read_idx",
     "resolve_data_dir",
+    "shard_indices",
 ]

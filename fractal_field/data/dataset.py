@@ -28,6 +28,7 @@ import numpy as np
 
 from . import formats
 from .errors import DataFormatError, DataNotFoundError
+from .formats import Select, _check_selection
 from .paths import HOW_TO_PROVIDE, candidate_data_dirs
 from .tfds_source import load_tfds
 
@@ -164,6 +165,11 @@ class ArrayDataset:
             idx = order[b * batch_size : (b + 1) * batch_size]
             yield self.images[idx], self.labels[idx]
 
+    def subset_of(self, select: Select) -> ArrayDataset:
+        """The examples `select(len(self))` (increasing indices)."""
+        idx = _check_selection(select, len(self), self.origin or self.name or "dataset")
+        return dataclasses.replace(self, images=self.images[idx], labels=self.labels[idx])
+
     def subset(self, n: int, *, seed: int | None = None) -> ArrayDataset:
         """The first `n` examples (or `n` random ones if `seed` is given), e.g. for smoke tests."""
         if seed is None:
@@ -177,7 +183,21 @@ class ArrayDataset:
 # Local file discovery
 
 Loaded = tuple[np.ndarray, np.ndarray, tuple[str, ...]]
-Found = tuple[str, Callable[[], Loaded]]  # (description, loader)
+# (description, loader); the loader takes a selection (or None for the whole split).
+Found = tuple[str, Callable[[Select | None], Loaded]]
+
+
+def _rows(load: Callable[[], Loaded], where: str) -> Callable[[Select | None], Loaded]:
+    """A loader for formats that hold raw pixels: read the split, keep the selected rows."""
+
+    def loader(select: Select | None) -> Loaded:
+        images, labels, names = load()
+        if select is not None:
+            keep = _check_selection(select, len(labels), where)
+            images, labels = images[keep], labels[keep]
+        return images, labels, names
+
+    return loader
 
 
 def _find_mnist(base: Path, split: str, looked: list[str]) -> Found | None:
@@ -194,9 +214,9 @@ def _find_mnist(base: Path, split: str, looked: list[str]) -> Found | None:
                 labels = [p for p in labels if p.is_file()]
                 if images.is_file() and labels:
                     lab = labels[0]
-                    return str(images), lambda i=images, la=lab: (
-                        *formats.load_mnist_idx(i, la),
-                        MNIST_CLASSES,
+                    return str(images), _rows(
+                        lambda i=images, la=lab: (*formats.load_mnist_idx(i, la), MNIST_CLASSES),
+                        str(images),
                     )
     return None
 
@@ -214,37 +234,38 @@ def _find_cifar10(base: Path, split: str, looked: list[str]) -> Found | None:
         for folder in (d / "cifar-10-batches-bin", d):
             paths = [folder / f"{b}.bin" for b in batches]
             if all(p.is_file() for p in paths):
-                return str(folder), lambda p=paths: (
-                    *formats.load_cifar10_binary(p),
-                    CIFAR10_CLASSES,
+                return str(folder), _rows(
+                    lambda p=paths: (*formats.load_cifar10_binary(p), CIFAR10_CLASSES), str(folder)
                 )
         for folder in (d / "cifar-10-batches-py", d):
             paths = [folder / b for b in batches]
             if all(p.is_file() for p in paths):
-                return str(folder), lambda p=paths: (
-                    *formats.load_cifar10_pickle(p),
-                    CIFAR10_CLASSES,
+                return str(folder), _rows(
+                    lambda p=paths: (*formats.load_cifar10_pickle(p), CIFAR10_CLASSES), str(folder)
                 )
         for archive, parse, suffix in (
             (d / "cifar-10-binary.tar.gz", formats.parse_cifar10_binary, ".bin"),
             (d / "cifar-10-python.tar.gz", formats.parse_cifar10_pickle, ""),
         ):
             if archive.is_file():
-                return str(archive), lambda a=archive, f=parse, s=suffix: _cifar_archive(
-                    a, f, [b + s for b in batches]
+                return str(archive), _rows(
+                    lambda a=archive, f=parse, s=suffix: _cifar_archive(
+                        a, f, [b + s for b in batches]
+                    ),
+                    str(archive),
                 )
         roots = [d] + sorted(c for c in d.iterdir() if c.is_dir())
         for root in roots:
             if (root / split / CIFAR10_CLASSES[0]).is_dir():
-                return str(root), lambda r=root: formats.load_image_folder(
-                    r, split, classes=CIFAR10_CLASSES
+                return str(root), lambda select, r=root: formats.load_image_folder(
+                    r, split, classes=CIFAR10_CLASSES, select=select
                 )
         archives = sorted(p for p in d.iterdir() if p.is_file() and formats.is_archive(p))
         if not sub:  # in the data dir itself, only archives that say they are CIFAR-10
             archives = [p for p in archives if "cifar10" in p.name.lower().replace("-", "")]
         if archives:
-            return str(archives[0]), lambda a=archives[0]: formats.load_image_folder(
-                a, split, classes=CIFAR10_CLASSES
+            return str(archives[0]), lambda select, a=archives[0]: formats.load_image_folder(
+                a, split, classes=CIFAR10_CLASSES, select=select
             )
     return None
 
@@ -290,6 +311,7 @@ def load_dataset(
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     tfds_data_dir: str | os.PathLike | None = None,
+    select: Select | None = None,
 ) -> ArrayDataset:
     """Load a dataset split into an [`ArrayDataset`][].
 
@@ -306,6 +328,9 @@ def load_dataset(
     - `mean`, `std`: override the normalisation constants (default: the dataset's own; 0.5
       per channel for `"folder"`).
     - `tfds_data_dir`: TFDS's data directory.
+    - `select`: `n -> increasing indices` into the split's `n` examples (in the order the
+      whole split loads): load only those (image folders and archives decode only those;
+      e.g. one process's shard, [`shard_indices`][]).
 
     **Raises:** `DataNotFoundError` listing every place looked and how to provide the data.
     """
@@ -320,6 +345,7 @@ def load_dataset(
             image_size=image_size,
             cache=cache,
             cache_dir=cache_dir,
+            select=select,
         )
         c = images.shape[-1]
         return ArrayDataset(
@@ -346,7 +372,7 @@ def load_dataset(
         found, looked = find_local(name, split, data_dir)
         if found is not None:
             origin, loader = found
-            loaded = loader()
+            loaded = loader(select)
         elif data_dir is not None:
             # A directory the user named is the only place looked: no download fallback.
             d = Path(data_dir).expanduser()
@@ -360,7 +386,7 @@ def load_dataset(
             )
     if loaded is None and source in ("auto", "tfds"):
         try:
-            loaded = load_tfds(name, split, data_dir=tfds_data_dir)
+            loaded = load_tfds(name, split, data_dir=tfds_data_dir, select=select)
         except DataNotFoundError as e:
             looked.append(f"tensorflow_datasets: {e}")
     if loaded is None:

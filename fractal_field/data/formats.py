@@ -26,13 +26,16 @@ import tarfile
 import tempfile
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from .errors import DataFormatError, DataNotFoundError
 from .paths import default_cache_dir
+
+# `n -> increasing indices in [0, n)`: which of a split's `n` examples to load.
+Select = Callable[[int], np.ndarray]
 
 PathLike = str | os.PathLike
 Arrays = tuple[np.ndarray, np.ndarray]
@@ -347,9 +350,12 @@ def _scan_directory(root: Path, split: str | None) -> tuple[list[tuple[str, str]
 
 
 def _scan_archive(
-    archive: Path, split: str | None
+    archive: Path, split: str | None, keep: set[str] | None = None, *, list_only: bool = False
 ) -> tuple[list[tuple[str, str, bytes]], set[str]]:
-    """`(class, member name, bytes)` image files of a split and all class names in `archive`."""
+    """`(class, member name, bytes)` image files of a split and all class names in `archive`.
+
+    With `keep`, only the members named there are read and returned; with `list_only`, every
+    member is returned with empty bytes."""
     found: dict[tuple[str, ...], list[tuple[str, str, bytes]]] = {}
     classes: dict[tuple[str, ...], set[str]] = {}
     try:
@@ -367,7 +373,8 @@ def _scan_archive(
                     if parts[-3] != split:
                         continue
                     key = parts[:-3]
-                data = tar.extractfile(member).read()
+                read = not list_only and (keep is None or member.name in keep)
+                data = tar.extractfile(member).read() if read else b""
                 found.setdefault(key, []).append((parts[-2], member.name, data))
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataFormatError(f"{archive}: truncated or corrupt archive ({e}).") from e
@@ -380,7 +387,25 @@ def _scan_archive(
     (prefix, items) = next(iter(found.items()))
     items.sort(key=lambda t: (t[0], t[1]))
     all_classes = classes.get(prefix, {c for c, _, _ in items})
+    if keep is not None:
+        items = [t for t in items if t[1] in keep]
     return items, all_classes
+
+
+def _check_selection(select: Select, n: int, where: str) -> np.ndarray:
+    """`select(n)` as sorted, unique int64 indices in `[0, n)`, or a ValueError."""
+    idx = np.asarray(select(n))
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise ValueError(f"{where}: select(n) must return 1-D integer indices, got {idx!r}.")
+    idx = idx.astype(np.int64)
+    if not idx.size:
+        raise ValueError(f"{where}: select(n={n}) chose no examples.")
+    if idx.min() < 0 or idx.max() >= n or np.any(np.diff(idx) <= 0):
+        raise ValueError(
+            f"{where}: select(n={n}) must return increasing indices in [0, {n}) "
+            f"(got {idx.size} indices from {idx.min()} to {idx.max()})."
+        )
+    return idx
 
 
 def _class_index(found: set[str], classes: Sequence[str] | None, where: str) -> tuple[str, ...]:
@@ -432,6 +457,7 @@ def load_image_folder(
     cache: bool = True,
     cache_dir: PathLike | None = None,
     num_workers: int = 0,
+    select: Select | None = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Load `<root>/<split>/<class>/*.{png,jpg,jpeg}` as `(images, labels, class_names)`.
 
@@ -447,6 +473,9 @@ def load_image_folder(
     - `cache`, `cache_dir`: cache decoded arrays as `.npz` in `cache_dir` (default
       [`default_cache_dir`][]) keyed by the files' names, sizes and mtimes.
     - `num_workers`: decoding processes; see [`decode_images`][].
+    - `select`: `n -> increasing indices` into the split's `n` images (sorted by class folder,
+      then file name): only those images are read and decoded (e.g. one process's shard,
+      [`shard_indices`][]); the labelling is still that of the whole split. Cached apart.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -466,14 +495,25 @@ def load_image_folder(
         "channels": channels,
         "image_size": list(image_size) if image_size is not None else None,
     }
+    keep = chosen = None
+    if select is not None:
+        # The selection keys its own cache (the whole split's cache is not read); an
+        # archive is listed first (one pass, no image read) to count its images.
+        listed = _scan_archive(root, split, list_only=True)[0] if archive else files
+        chosen = _check_selection(select, len(listed), str(root))
+        key["select"] = hashlib.sha1(chosen.tobytes()).hexdigest()
+        if archive:
+            keep = {listed[i][1] for i in chosen}
     cache_path = _cache_file(Path(cache_dir or default_cache_dir()), root, key)
     if cache and (hit := _load_cache(cache_path)) is not None:
         return hit
     if archive:
-        members, found = _scan_archive(root, split)
+        members, found = _scan_archive(root, split, keep)
         labelled = [(c, n, d) for c, n, d in members]
     else:
         labelled = [(c, p, p) for c, p in files]
+        if chosen is not None:
+            labelled = [labelled[i] for i in chosen]
     if not labelled:
         raise DataNotFoundError(f"No {'/'.join(IMAGE_EXTENSIONS)} images under {root}.")
     class_names = _class_index(found, classes, str(root))

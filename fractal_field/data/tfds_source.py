@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataNotFoundError
+from .formats import Select, _check_selection
 
 
 def _import_tfds():
@@ -31,7 +32,7 @@ def _import_tfds():
     return tfds
 
 
-def _from_data_source(tfds, name: str, split: str, data_dir, download: bool):
+def _from_data_source(tfds, name: str, split: str, data_dir, download: bool, select=None):
     source = tfds.data_source(
         name,
         split=split,
@@ -39,10 +40,12 @@ def _from_data_source(tfds, name: str, split: str, data_dir, download: bool):
         download=download,
         builder_kwargs={"file_format": "array_record"},
     )
-    n = len(source)
+    wanted = (
+        np.arange(len(source)) if select is None else _check_selection(select, len(source), name)
+    )
     images, labels = [], []
-    for start in range(0, n, 4096):
-        keys = list(range(start, min(start + 4096, n)))
+    for start in range(0, len(wanted), 4096):
+        keys = [int(k) for k in wanted[start : start + 4096]]
         records = source.__getitems__(keys) if hasattr(source, "__getitems__") else None
         if records is None:
             records = [source[k] for k in keys]
@@ -52,7 +55,7 @@ def _from_data_source(tfds, name: str, split: str, data_dir, download: bool):
     return np.stack(images), np.asarray(labels, np.int32), names
 
 
-def _from_tf_load(tfds, name: str, split: str, data_dir, download: bool):
+def _from_tf_load(tfds, name: str, split: str, data_dir, download: bool, select=None):
     ds, info = tfds.load(
         name,
         split=split,
@@ -64,6 +67,9 @@ def _from_tf_load(tfds, name: str, split: str, data_dir, download: bool):
     )
     images, labels = tfds.as_numpy(ds)
     names = tuple(info.features["label"].names)
+    if select is not None:  # the whole split is read (batch_size=-1), then cut
+        keep = _check_selection(select, len(labels), name)
+        images, labels = images[keep], labels[keep]
     return np.asarray(images, np.uint8), np.asarray(labels, np.int32), names
 
 
@@ -96,11 +102,14 @@ def load_tfds(
     *,
     data_dir: str | os.PathLike | None = None,
     download: bool = True,
+    select: Select | None = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Load a TFDS image-classification dataset as `(uint8 NHWC, int32 labels, class names)`.
 
     `data_dir` is TFDS's own data directory (default `~/tensorflow_datasets` or
-    `$TFDS_DATA_DIR`). **Raises:** `DataNotFoundError` with both attempts' errors.
+    `$TFDS_DATA_DIR`). `select` (`n -> increasing indices`) keeps those examples only (read
+    one by one from array_record files). **Raises:** `DataNotFoundError` with both
+    attempts' errors.
     """
     tfds = _import_tfds()
     errors = []
@@ -118,7 +127,7 @@ def load_tfds(
     existed = root.exists()
     for attempt, dl in attempts:
         try:
-            images, labels, names = attempt(tfds, name, split, data_dir, dl)
+            images, labels, names = attempt(tfds, name, split, data_dir, dl, select)
         except Exception as e:  # reported below
             errors.append(f"{attempt.__name__}(download={dl}): {type(e).__name__}: {e}")
             continue
