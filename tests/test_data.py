@@ -659,10 +659,29 @@ def test_folder_select_decodes_only_the_selected_images(tmp_path, monkeypatch, a
     np.testing.assert_array_equal(other.images, images[[0, 2]])
 
 
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_select_streams_the_selected_rows(tmp_path, gz):
+    images, labels = write_mnist(tmp_path / "mnist", "test", 9000, gz=gz)  # > one 4096-row chunk
+    pick = lambda n: np.r_[1:n:7, n - 1]  # noqa: E731
+    ds = load_dataset("mnist", "test", data_dir=tmp_path, select=pick)
+    np.testing.assert_array_equal(ds.images[..., 0], images[pick(9000)])
+    np.testing.assert_array_equal(ds.labels, labels[pick(9000)])
+    ext = ".gz" if gz else ""
+    path = tmp_path / "mnist" / f"t10k-images-idx3-ubyte{ext}"
+    write_idx(path, images[:-1], gz=gz)  # one image short of the labels
+    with pytest.raises(DataFormatError, match="8999 images but .* 9000 labels"):
+        load_dataset("mnist", "test", data_dir=tmp_path, select=pick)
+    write_idx(path, images, gz=False)
+    cut = path.read_bytes()[:5000]  # truncated inside the header's promised rows
+    path.write_bytes(gzip.compress(cut) if gz else cut)
+    with pytest.raises(DataFormatError, match="truncated"):
+        load_dataset("mnist", "test", data_dir=tmp_path, select=pick)
+
+
 def test_raw_formats_and_tfds_select(tmp_path, monkeypatch):
-    images, labels = write_mnist(tmp_path / "mnist", "test", 9, gz=True)
-    ds = load_dataset("mnist", "test", data_dir=tmp_path, select=lambda n: np.arange(1, n, 3))
-    np.testing.assert_array_equal(ds.images[..., 0], images[1::3])
+    images, labels = write_cifar(tmp_path / "cifar10", "test", "bin", n=9)
+    ds = load_dataset("cifar10", "test", data_dir=tmp_path, select=lambda n: np.arange(1, n, 3))
+    np.testing.assert_array_equal(ds.images, images[1::3])
     np.testing.assert_array_equal(ds.labels, labels[1::3])
     asked = []
 

@@ -214,9 +214,9 @@ def _find_mnist(base: Path, split: str, looked: list[str]) -> Found | None:
                 labels = [p for p in labels if p.is_file()]
                 if images.is_file() and labels:
                     lab = labels[0]
-                    return str(images), _rows(
-                        lambda i=images, la=lab: (*formats.load_mnist_idx(i, la), MNIST_CLASSES),
-                        str(images),
+                    return str(images), lambda select, i=images, la=lab: (
+                        *formats.load_mnist_idx(i, la, select=select),
+                        MNIST_CLASSES,
                     )
     return None
 

@@ -129,10 +129,66 @@ def read_idx(path: PathLike, *, magic: int | None = None) -> np.ndarray:
     return parse_idx(read_bytes(path), str(path), magic=magic)
 
 
-def load_mnist_idx(images_path: PathLike, labels_path: PathLike) -> Arrays:
-    """Load an MNIST-style pair of IDX files as `(uint8 (N, H, W, 1), int32 (N,))`."""
-    images = read_idx(images_path, magic=IDX_IMAGES_MAGIC)
+def _read_idx_rows(path: PathLike, select: Select, magic: int) -> np.ndarray:
+    """The rows `select(n)` of a uint8 IDX file of `n` rows, streamed (gzipped or raw): only
+    the selected rows are kept in memory."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            head = f.read(4)
+            ndim = head[3] if len(head) == 4 else 0
+            head += f.read(4 * ndim)
+            found = int.from_bytes(head[:4], "big") if len(head) >= 4 else None
+            if found != magic or len(head) < 4 + 4 * ndim:
+                return parse_idx(head, str(path), magic=magic)  # raises the precise error
+            dims = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+            n, row = dims[0], int(np.prod(dims[1:]))
+            rows = _check_selection(select, n, str(path))
+            out = np.empty((len(rows), *dims[1:]), np.uint8)
+            chunk, done = 4096, 0
+            for start in range(0, n, chunk):
+                size = min(chunk, n - start) * row
+                block = f.read(size)
+                if len(block) < size:
+                    raise DataFormatError(
+                        f"{path}: IDX file truncated: header says shape {tuple(dims)}."
+                    )
+                mine = rows[(rows >= start) & (rows < start + chunk)] - start
+                block = np.frombuffer(block, np.uint8).reshape(-1, *dims[1:])
+                out[done : done + len(mine)] = block[mine]
+                done += len(mine)
+            if f.read(1):
+                raise DataFormatError(f"{path}: IDX file has trailing bytes after {tuple(dims)}.")
+    except FileNotFoundError as e:
+        raise DataNotFoundError(f"File not found: {path}") from e
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataFormatError(f"{path}: truncated or corrupt gzip file ({e}).") from e
+    return out
+
+
+def load_mnist_idx(
+    images_path: PathLike, labels_path: PathLike, *, select: Select | None = None
+) -> Arrays:
+    """Load an MNIST-style pair of IDX files as `(uint8 (N, H, W, 1), int32 (N,))`.
+
+    `select` (`n -> increasing indices`) keeps only those examples; the images file is then
+    streamed and only their rows are held in memory."""
     labels = read_idx(labels_path, magic=IDX_LABELS_MAGIC)
+    if select is not None:
+        rows = _check_selection(select, len(labels), str(labels_path))
+
+        def same_rows(n: int) -> np.ndarray:
+            if n != len(labels):
+                raise DataFormatError(
+                    f"{images_path} has {n} images but {labels_path} has {len(labels)} labels."
+                )
+            return rows
+
+        images = _read_idx_rows(images_path, same_rows, IDX_IMAGES_MAGIC)
+        return images[..., None], labels[rows].astype(np.int32)
+    images = read_idx(images_path, magic=IDX_IMAGES_MAGIC)
     if len(images) != len(labels):
         raise DataFormatError(
             f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels."
