@@ -406,12 +406,11 @@ def _scan_directory(root: Path, split: str | None) -> tuple[list[tuple[str, str]
 
 
 def _scan_archive(
-    archive: Path, split: str | None, keep: set[str] | None = None, *, list_only: bool = False
+    archive: Path, split: str | None, keep: set[str] | None = None
 ) -> tuple[list[tuple[str, str, bytes]], set[str]]:
     """`(class, member name, bytes)` image files of a split and all class names in `archive`.
 
-    With `keep`, only the members named there are read and returned; with `list_only`, every
-    member is returned with empty bytes."""
+    With `keep`, only the members named there are read and returned."""
     found: dict[tuple[str, ...], list[tuple[str, str, bytes]]] = {}
     classes: dict[tuple[str, ...], set[str]] = {}
     try:
@@ -429,7 +428,7 @@ def _scan_archive(
                     if parts[-3] != split:
                         continue
                     key = parts[:-3]
-                read = not list_only and (keep is None or member.name in keep)
+                read = keep is None or member.name in keep
                 data = tar.extractfile(member).read() if read else b""
                 found.setdefault(key, []).append((parts[-2], member.name, data))
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
@@ -446,6 +445,38 @@ def _scan_archive(
     if keep is not None:
         items = [t for t in items if t[1] in keep]
     return items, all_classes
+
+
+def _listing_path(archive: Path, key: dict, cache_dir: PathLike | None) -> Path:
+    base = _cache_file(Path(cache_dir or default_cache_dir()), archive, dict(key, listing=True))
+    return base.with_suffix(".json")
+
+
+def _archive_listing(
+    archive: Path, key: dict, cache: bool, cache_dir: PathLike | None
+) -> list[tuple[str, str]] | None:
+    """The cached `(class, member name)` listing of a split's images in `archive` (load
+    order), or `None` (no cache)."""
+    if not cache:
+        return None
+    try:
+        return [
+            tuple(item) for item in json.loads(_listing_path(archive, key, cache_dir).read_text())
+        ]
+    except (OSError, ValueError):
+        return None  # missing or unreadable: list again
+
+
+def _save_listing(archive: Path, key: dict, cache_dir: PathLike | None, listed: list) -> None:
+    path = _listing_path(archive, key, cache_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(listed))
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"Could not write cache {path} ({e}); continuing.", stacklevel=3)
 
 
 def _check_selection(select: Select, n: int, where: str) -> np.ndarray:
@@ -551,20 +582,29 @@ def load_image_folder(
         "channels": channels,
         "image_size": list(image_size) if image_size is not None else None,
     }
-    keep = chosen = None
+    chosen = scanned = None
     if select is not None:
-        # The selection keys its own cache (the whole split's cache is not read); an
-        # archive is listed first (one pass, no image read) to count its images.
-        listed = _scan_archive(root, split, list_only=True)[0] if archive else files
+        # The selection keys its own cache (the whole split's cache is not read). An archive's
+        # listing is cached too; without it, one pass reads the archive (its compressed images
+        # are small next to the decoded ones) and only the selection is decoded.
+        listed = _archive_listing(root, key, cache, cache_dir) if archive else files
+        if listed is None:
+            scanned = _scan_archive(root, split)
+            listed = [(c, n) for c, n, _ in scanned[0]]
+            if cache:
+                _save_listing(root, key, cache_dir, listed)
         chosen = _check_selection(select, len(listed), str(root))
         key["select"] = hashlib.sha1(chosen.tobytes()).hexdigest()
-        if archive:
-            keep = {listed[i][1] for i in chosen}
     cache_path = _cache_file(Path(cache_dir or default_cache_dir()), root, key)
     if cache and (hit := _load_cache(cache_path)) is not None:
         return hit
     if archive:
-        members, found = _scan_archive(root, split, keep)
+        if scanned is None:
+            keep = None if chosen is None else {listed[i][1] for i in chosen}
+            scanned = _scan_archive(root, split, keep)
+        elif chosen is not None:
+            scanned = ([scanned[0][i] for i in chosen], scanned[1])
+        members, found = scanned
         labelled = [(c, n, d) for c, n, d in members]
     else:
         labelled = [(c, p, p) for c, p in files]
