@@ -41,6 +41,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0
     # > 0: evaluate and keep a moving average of the parameters with this decay (e.g. 0.999).
     c.ema = 0.0
+    # > 0: the first that many steps train the cell iterated `pretrain_unroll` times from zero,
+    # backpropagated through (MDEQ pretrains 3,000 steps unrolled 10 times), then the solver.
+    c.pretrain_steps = 0
+    c.pretrain_unroll = 10
     # > 0: every that many steps, log per-segment gradient norms and the loss to
     # `fractal.jsonl` in the workdir (`ff.fractal.log_phase_flow`; a phase-flow probe).
     c.fractal_probe_every = 0

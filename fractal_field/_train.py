@@ -185,8 +185,17 @@ def load_data(config, split: str) -> ArrayDataset | ShardedDataset:
 # Steps
 
 
-def _forward(model: FieldClassifier, x, probe, key=None):
-    return model.batched(x, key=key, stats_probe=probe)
+def _forward(model: FieldClassifier, x, probe, key=None, **solve_kwargs):
+    return model.batched(x, key=key, stats_probe=probe, **solve_kwargs)
+
+
+def unrolled_solve(steps: int) -> dict:
+    """`fixed_point` keywords that replace a model's solve by `steps` plain iterations of its
+    cell from the zero field, differentiated by backpropagation through them (MDEQ's
+    pretraining before its implicit solves)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"pretrain_unroll={steps!r} must be a positive integer.")
+    return dict(solver=Naive(), adjoint=UnrolledAdjoint(), max_steps=steps, rtol=0.0, atol=0.0)
 
 
 def _metrics(logits, labels, sol):
@@ -228,6 +237,7 @@ def make_train_step(
     augment_data: bool | dict | None,
     jacobian_penalty: float = 0.0,
     label_smoothing: float = 0.0,
+    solve_kwargs: dict | None = None,
 ):
     """A jitted `(key, model, opt_state, images, labels) -> (model, opt_state, metrics)`.
 
@@ -236,6 +246,8 @@ def make_train_step(
     to the cross-entropy; the metrics then carry it as `jac` (`loss` stays the cross-entropy).
     `label_smoothing` in [0, 1): the cross-entropy (and `loss`) is against targets
     `(1 - label_smoothing) * one_hot + label_smoothing / num_classes` (`acc` is unchanged).
+    `solve_kwargs` override the model's `fixed_point` keywords in the forward pass (e.g.
+    `unrolled_solve(10)`).
     """
     aug = augment_options(augment_data)
     if jacobian_penalty < 0:
@@ -253,7 +265,7 @@ def make_train_step(
             params, probe = diff
             m = eqx.combine(params, static)
             # Dropout's key is derived from the step's (augmentation keeps the key it had).
-            logits, sol = _forward(m, x, probe, jr.fold_in(key, 1))
+            logits, sol = _forward(m, x, probe, jr.fold_in(key, 1), **(solve_kwargs or {}))
             if label_smoothing:
                 targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
                 targets = optax.smooth_labels(targets, label_smoothing)
@@ -521,6 +533,9 @@ def train(
     name (`"SIGINT"`, `"SIGTERM"`).
 
     `config.label_smoothing` in [0, 1) smooths the training targets (see `make_train_step`).
+    `config.pretrain_steps > 0`: the first that many steps train the cell iterated
+    `config.pretrain_unroll` times from the zero field and backpropagated through
+    (`unrolled_solve`), as MDEQ does before its implicit solves; then the configured solve.
     `config.ema` in [0, 1), if > 0, keeps an exponential moving average of the parameters
     with that decay, updated after every step and saved in every checkpoint beside the model
     and optimiser state; the evaluations (so `best`) and `load_model` then use the averaged
@@ -529,6 +544,14 @@ def train(
     workdir = Path(workdir)
     label_smoothing = _check_unit_interval("label_smoothing", config.get("label_smoothing", 0.0))
     decay = _check_unit_interval("ema", config.get("ema", 0.0))
+    pretrain_steps = config.get("pretrain_steps", 0)
+    if (
+        isinstance(pretrain_steps, bool)
+        or not isinstance(pretrain_steps, int)
+        or pretrain_steps < 0
+    ):
+        raise ValueError(f"pretrain_steps={pretrain_steps!r} must be an integer >= 0.")
+    pretrain_solve = unrolled_solve(config.get("pretrain_unroll", 10))
     ckdir = workdir / "checkpoints"
     if progress is None:
         progress = sys.stderr.isatty()
@@ -610,11 +633,15 @@ def train(
     to_global = (
         _local_batch_to_global if isinstance(train_ds, ShardedDataset) else _host_batch_to_global
     )
-    train_step = make_train_step(
-        optimizer,
-        config.data.get("augment", False),
-        config.get("jacobian_penalty", 0.0),
-        label_smoothing,
+    train_step, pretrain_step = (
+        make_train_step(
+            optimizer,
+            config.data.get("augment", False),
+            config.get("jacobian_penalty", 0.0),
+            label_smoothing,
+            solve_kwargs,
+        )
+        for solve_kwargs in (None, pretrain_solve)
     )
     interrupt = _Interrupt()
     last_save = time.monotonic()
@@ -710,7 +737,8 @@ def train(
 
                         out = workdir / "fractal.jsonl" if main else os.devnull
                         log_phase_flow(out, model, x, y, step=state["step"], epoch=epoch)
-                    model, opt_state, m = train_step(step_key, model, opt_state, x, y)
+                    step_fn = pretrain_step if state["step"] < pretrain_steps else train_step
+                    model, opt_state, m = step_fn(step_key, model, opt_state, x, y)
                     if ema is not None:
                         ema = ema_update(ema, model, decay)
                     # Step time: between consecutive dispatches. In steady state the loop is

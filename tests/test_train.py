@@ -760,6 +760,58 @@ def test_sharded_evaluation_equals_the_plain_one():
     np.testing.assert_allclose(b["mean_residual"], a["mean_residual"], rtol=1e-5)
 
 
+def test_pretraining_step_is_the_unrolled_cell():
+    # `unrolled_solve(3)` is the cell applied three times from zero (checked against a loop
+    # written here), and a pretraining step equals a step of the model configured with that
+    # solve (Naive, unrolled adjoint, three steps, no stopping test).
+    config = ff.load_config(SMOKE)
+    model = _train.build_model(config, key=jax.random.PRNGKey(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 1, 8, 8)), jnp.float32)
+    y = jnp.asarray([0, 1, 2, 3], jnp.int32)
+    logits, sol = _train._forward(model, x, None, None, **_train.unrolled_solve(3))
+
+    def by_hand(xi):
+        inj = model.encoder(xi)
+        z, op = model.cell.init_state(inj), model.cell.operator(*inj.shape[1:])
+        for _ in range(3):
+            z = model.cell.step_with(op, z, inj)
+        return model.readout(z)
+
+    np.testing.assert_allclose(logits, jax.vmap(by_hand)(x), rtol=1e-6, atol=1e-6)
+    assert sol.stats.num_steps.tolist() == [3] * 4
+    unrolled = ["solver.name=naive", "solver.history=None", "adjoint.name=unrolled"]
+    unrolled += ["adjoint.max_steps=None", "adjoint.rtol=None", "adjoint.throw=None"]
+    unrolled += ["model.max_steps=3", "model.rtol=0.0", "model.atol=0.0"]
+    twin = _train.build_model(ff.load_config(SMOKE, unrolled), key=jax.random.PRNGKey(0))
+    optimizer, _ = _train.build_optimizer(config, 10)
+    outs = []
+    for m, kwargs in ((model, _train.unrolled_solve(3)), (twin, None)):
+        step = _train.make_train_step(optimizer, None, solve_kwargs=kwargs)
+        opt_state = optimizer.init(eqx.filter(m, eqx.is_inexact_array))
+        new, _, metrics = step(jax.random.PRNGKey(1), m, opt_state, x, y)
+        outs.append((eqx.filter(new, eqx.is_inexact_array), float(metrics["loss"])))
+    assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-6)
+    for a, b in zip(*(jax.tree_util.tree_leaves(o[0]) for o in outs), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_pretraining_steps_then_the_solver_and_resume_across_the_switch(tmp_path):
+    overrides = ["pretrain_steps=2", "pretrain_unroll=3", "epochs=1"]
+    config = ff.load_config(SMOKE, overrides)
+    full = ff.train(config, tmp_path / "full", progress=False, stop_after_steps=4)
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").open()]
+    assert [r["fwd_steps"] for r in rows[:2]] == [3.0, 3.0]  # unrolled: exactly 3 steps
+    assert [r["fwd_failed"] for r in rows] == [1.0, 1.0, 0.0, 0.0]  # then the solver converges
+    ff.train(config, tmp_path / "split", progress=False, stop_after_steps=1)
+    split = ff.train(config, tmp_path / "split", progress=False, stop_after_steps=4)
+    leaves = lambda out: jax.tree_util.tree_leaves(eqx.filter(out["model"], eqx.is_inexact_array))
+    for a, b in zip(leaves(full), leaves(split), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="pretrain_unroll=0 must be a positive integer"):
+        ff.train(ff.load_config(SMOKE, ["pretrain_unroll=0"]), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_non_finite_loss_stops_before_checkpointing_it(tmp_path):
     # A learning rate of 1e30 blows the parameters up within a few updates; training raises
     # (non-finite parameters or loss) and the checkpoint on disk is the last finite model.
