@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -240,6 +240,16 @@ class Readout(eqx.Module):
         return pooled.reshape(-1)
 
 
+class _Masked(eqx.Module):
+    """A linear part whose output is multiplied by a fixed mask."""
+
+    op: Callable
+    mask: Array
+
+    def __call__(self, z):
+        return self.op(z) * self.mask
+
+
 class FieldClassifier(eqx.Module):
     """Image classifier whose hidden layer is the fixed point of a `FractalCell`.
 
@@ -257,7 +267,9 @@ class FieldClassifier(eqx.Module):
     `stem > 0` gives the encoder a hidden 3x3 ReLU convolution with that many maps;
     `readout_hidden > 0` gives the readout a 1x1 ReLU head with that many maps before pooling;
     `dropout > 0` drops that fraction of the readout's pooled features when the model is called
-    with a `key` (training), and nothing without one.
+    with a `key` (training), and nothing without one. `field_dropout > 0` is variational dropout
+    inside the equilibrium (MDEQ's): with a `key`, each image draws one mask of the field
+    (`field_mask`) that multiplies the cell's linear part at every step of its solve.
 
     `hidden > 0` expands the cell's convolution to `hidden` channels and back at every step
     (`FractalCell(hidden=...)`), with `hidden_activation` between. `norm_groups > 0`
@@ -284,6 +296,7 @@ class FieldClassifier(eqx.Module):
     rtol: float = eqx.field(static=True)
     atol: float = eqx.field(static=True)
     batch_solve: str = eqx.field(static=True)
+    field_dropout: float = eqx.field(static=True, default=0.0)
 
     def __init__(
         self,
@@ -310,6 +323,7 @@ class FieldClassifier(eqx.Module):
         phase_features: bool = False,
         readout_hidden: int = 0,
         dropout: float = 0.0,
+        field_dropout: float = 0.0,
         impl: str = "auto",
         solver: AbstractFixedPointSolver | None = None,
         adjoint: AbstractAdjoint | None = None,
@@ -323,6 +337,19 @@ class FieldClassifier(eqx.Module):
         if batch_solve not in ("per_sample", "planar"):
             raise ValueError(
                 f"FieldClassifier(batch_solve={batch_solve!r}) must be 'per_sample' or 'planar'."
+            )
+        if isinstance(field_dropout, bool) or not 0.0 <= field_dropout < 1.0:
+            raise ValueError(f"FieldClassifier(field_dropout={field_dropout!r}) must be in [0, 1).")
+        if field_dropout and (symmetric or scales > 1 or not isinstance(channels, int)):
+            raise ValueError(
+                f"FieldClassifier(field_dropout={field_dropout}) is an option of a single "
+                "FractalCell field (not with symmetric=True or several scales)."
+            )
+        if field_dropout and getattr(solver, "resolution_agnostic", False):
+            raise ValueError(
+                f"FieldClassifier(field_dropout={field_dropout}) needs a solver that stays on one "
+                f"grid (its mask is drawn for the field's grid); {type(solver).__name__} is "
+                "resolution-agnostic."
             )
         if isinstance(channels, int):
             if scales < 1:
@@ -411,6 +438,7 @@ class FieldClassifier(eqx.Module):
         self.rtol = rtol
         self.atol = atol
         self.batch_solve = batch_solve
+        self.field_dropout = float(field_dropout)
         if batch_solve == "planar":
             _check_planar_solver(self.solver)
 
@@ -426,19 +454,39 @@ class FieldClassifier(eqx.Module):
         kwargs.update(fixed_point_kwargs)
         return kwargs
 
+    def field_mask(self, key: PRNGKeyArray, grid: tuple[int, int]) -> Float[Array, "c h w"]:
+        """One image's variational dropout mask of the field's linear part: `0` with
+        probability `field_dropout`, else `1 / (1 - field_dropout)`, drawn once per solve."""
+        p = self.field_dropout
+        keep = jr.bernoulli(key, 1.0 - p, (self.cell.channels, *grid))
+        return jnp.where(keep, 1.0 / (1.0 - p), 0.0).astype(jnp.float32)
+
+    def _field_key(self, key: PRNGKeyArray | None) -> PRNGKeyArray | None:
+        # Derived, so that the readout's dropout keeps the key it had without field dropout.
+        return None if key is None or not self.field_dropout else jr.fold_in(key, 1)
+
     def solve(
         self,
         x: Float[Array, "cin H W"],
         *,
         z0=None,
         stats_probe=None,
+        field_mask: Float[Array, "c h w"] | None = None,
         **fixed_point_kwargs: Any,
     ) -> Solution:
         """Encode `x` and solve the field from `z0` (default: the zero field; a warm start
         from a similar input's fixed point saves steps); keyword arguments override
-        `ff.fixed_point`'s."""
+        `ff.fixed_point`'s. `field_mask` (`field_mask(key, grid)`) multiplies the cell's linear
+        part at every step: variational dropout inside the equilibrium."""
         injection = self.encoder(x)
         kwargs = self._solve_kwargs(fixed_point_kwargs)
+        if field_mask is not None and (
+            getattr(kwargs["solver"], "resolution_agnostic", False)
+            or not isinstance(self.cell, FractalCell)
+        ):
+            raise ValueError(
+                "field_mask needs a FractalCell field and a solver that stays on one grid."
+            )
         zero = self.cell.init_state(injection)
         if z0 is None:
             z0 = zero
@@ -461,6 +509,8 @@ class FieldClassifier(eqx.Module):
             # Precompute the operator (e.g. the kernel's spectrum) once, outside the loop.
             _, h, w = injection.shape
             op = self.cell.operator(h, w)
+            if field_mask is not None:
+                op = _Masked(op, field_mask)
             cell = self.cell
 
             def fn(z, inj):
@@ -476,12 +526,23 @@ class FieldClassifier(eqx.Module):
         stats_probe=None,
         **fixed_point_kwargs: Any,
     ) -> tuple[Float[Array, " classes"], Solution]:
-        """`(logits, solution)` for one image; `key` switches on the readout's dropout."""
-        sol = self.solve(x, stats_probe=stats_probe, **fixed_point_kwargs)
+        """`(logits, solution)` for one image; `key` switches on the dropouts (the readout's,
+        and the field's with `field_dropout > 0`)."""
+        field_key = self._field_key(key)
+        mask = None if field_key is None else self.field_mask(field_key, self._grid(x))
+        sol = self.solve(x, stats_probe=stats_probe, field_mask=mask, **fixed_point_kwargs)
         return self.readout(sol.value, key=key), sol
 
+    def _grid(self, x: Float[Array, "... cin H W"]) -> tuple[int, int]:
+        return tuple(int(n) // self.encoder.pool for n in x.shape[-2:])
+
     def solve_planar(
-        self, x: Float[Array, "b cin H W"], *, stats_probe=None, **fixed_point_kwargs: Any
+        self,
+        x: Float[Array, "b cin H W"],
+        *,
+        stats_probe=None,
+        field_masks: Float[Array, "b c h w"] | None = None,
+        **fixed_point_kwargs: Any,
     ) -> Solution:
         """Encode a batch and solve its fields as one problem in the planar layout.
 
@@ -498,6 +559,8 @@ class FieldClassifier(eqx.Module):
         _check_planar_solver(kwargs["solver"])
         _, h, w, _, b = injection.shape
         op = self.cell.planar_operator(h, w)
+        if field_masks is not None:  # (b, c, h, w) -> (h, w, c, b), shared by both planes
+            op = _Masked(op, jnp.transpose(field_masks, (2, 3, 1, 0)))
         cell = self.cell
 
         def fn(p, inj):
@@ -534,7 +597,11 @@ class FieldClassifier(eqx.Module):
             return jax.vmap(
                 lambda xi, ki: self(xi, key=ki, stats_probe=stats_probe, **fixed_point_kwargs)
             )(x, keys)
-        sol = self.solve_planar(x, stats_probe=stats_probe, **fixed_point_kwargs)
+        masks = None
+        if keys is not None and self.field_dropout:
+            grid = self._grid(x)
+            masks = jax.vmap(lambda k: self.field_mask(self._field_key(k), grid))(keys)
+        sol = self.solve_planar(x, stats_probe=stats_probe, field_masks=masks, **fixed_point_kwargs)
         b = x.shape[0]
         traj = sol.stats.trajectory
         stats = dataclasses.replace(sol.stats, trajectory=None)

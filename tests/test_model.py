@@ -246,6 +246,52 @@ def test_classifier_dropout_only_with_a_key(batch_solve):
     assert not np.allclose(a[0], a[1])  # the same image, another mask
 
 
+def test_field_dropout_is_one_mask_per_solve_of_the_linear_part():
+    # Each image's solution is the fixed point of the cell whose linear part is multiplied by
+    # that image's mask (`field_mask`, drawn once); the planar batch solve draws the same masks;
+    # without a key the model is the one built without field dropout; gradients flow.
+    kw = dict(key=jr.PRNGKey(0), rtol=1e-6, max_steps=100)
+    model = ff.make_model("tiny", field_dropout=0.3, **kw)
+    x = jr.normal(jr.PRNGKey(1), (3, 1, 8, 8))
+    key = jr.PRNGKey(5)
+    fwd = eqx.filter_jit(lambda m, x, k: m.batched(x, key=k))
+    logits, sol = fwd(model, x, key)
+
+    @eqx.filter_jit
+    def residuals(m, x, z, mask):
+        inj, op = m.encoder(x), m.cell.operator(8, 8)
+        masked = m.cell.step_with(lambda v: op(v) * mask, z, inj)
+        return jnp.linalg.norm(masked - z), jnp.linalg.norm(m.cell.step_with(op, z, inj) - z)
+
+    for i, ki in enumerate(jr.split(key, 3)):
+        mask = model.field_mask(jr.fold_in(ki, 1), (8, 8))
+        np.testing.assert_allclose(np.unique(mask), [0.0, 1 / 0.7], rtol=1e-6)
+        masked, plain = residuals(model, x[i], sol.value[i], mask)
+        size = float(jnp.linalg.norm(sol.value[i]))
+        assert float(masked) < 1e-5 * size and float(plain) > 1e-2 * size
+    planar = ff.make_model("tiny", field_dropout=0.3, batch_solve="planar", **kw)
+    np.testing.assert_allclose(fwd(planar, x, key)[0], logits, rtol=1e-4, atol=1e-5)
+    ref = ff.make_model("tiny", **kw)
+    np.testing.assert_array_equal(fwd(model, x, None)[0], fwd(ref, x, None)[0])
+    grads = eqx.filter_jit(eqx.filter_grad(lambda m: jnp.sum(fwd(m, x, key)[0] ** 2)))(model)
+    g = jnp.concatenate([jnp.ravel(jnp.abs(v)) for v in jax.tree_util.tree_leaves(grads)])
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(g)) > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"field_dropout": 1.0}, "must be in"),
+        ({"field_dropout": 0.2, "scales": 2}, "single FractalCell"),
+        ({"field_dropout": 0.2, "symmetric": True}, "single FractalCell"),
+        ({"field_dropout": 0.2, "solver": ff.Multigrid()}, "resolution-agnostic"),
+    ],
+)
+def test_field_dropout_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ff.make_model("tiny", key=jr.PRNGKey(0), **overrides)
+
+
 @pytest.mark.parametrize("overrides", [{}, {"scales": 2, "channels": (4, 6)}], ids=["one", "two"])
 def test_planar_batch_solve_matches_per_sample_values_and_gradients(overrides):
     """`batch_solve="planar"` solves the batch as one problem in the planar layout: the same
