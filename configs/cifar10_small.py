@@ -64,6 +64,24 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         # complex field channels widened to 96 through a CReLU at every step (145,386 real
         # parameters). See docs/results.md for how it compares.
         c.model = dict(c.model, channels=32, hidden=96, hidden_activation="crelu")
+    elif variant == "mdeq":
+        # MDEQ-small's ingredients in the complex toroidal form (Bai, Koltun & Kolter 2020,
+        # `cls_mdeq_TINY.yaml`): an expanded, group-normalised cell (32 -> 96 -> 32 complex
+        # channels, CReLU), variational dropout 0.25 inside the equilibrium, 3,000 steps of
+        # unrolled pretraining (10 iterations), Adam at lr 1e-3 decayed by cosine to 1e-6, 50
+        # epochs, no augmentation (145,482 real parameters). Not yet run at full length.
+        c.model = dict(
+            c.model,
+            channels=32,
+            hidden=96,
+            hidden_activation="crelu",
+            norm_groups=4,
+            field_dropout=0.25,
+        )
+        c.pretrain_steps = 3000
+        c.pretrain_unroll = 10
+        c.epochs = 50
+        c.optim = dict(c.optim, lr=1e-3, final_lr_ratio=1e-3)
     elif variant == "cpu_short":
         # About an hour on a 2-core CPU: a training step takes ~3.7 s there (planar batch
         # solve, stem), ~25 min per epoch with its evaluation; docs/results.md has what it
@@ -71,7 +89,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.epochs = 2
     elif variant:
         raise ValueError(
-            f"Unknown variant {variant!r} (use '', 'smoke', 'multiscale', 'expanded' or "
-            "'cpu_short')."
+            f"Unknown variant {variant!r} (use '', 'smoke', 'multiscale', 'expanded', 'mdeq' "
+            "or 'cpu_short')."
         )
     return c

@@ -850,6 +850,7 @@ def test_build_solver_and_adjoint_from_config():
         ("cifar10_small.py", 170_000),
         ("cifar10_small.py:multiscale", 170_000),
         ("cifar10_small.py:expanded", 170_000),
+        ("cifar10_small.py:mdeq", 170_000),
     ],
 )
 def test_config_models_stay_within_their_parameter_budget(spec, budget):
