@@ -420,9 +420,9 @@ def test_data_dir_resolution_order(tmp_path, monkeypatch):
     assert data.resolve_data_dir() == env
 
 
-def test_tfds_data_source_conversion(monkeypatch):
-    """The tfds path on a fake `tensorflow_datasets` (the real one needs internet)."""
-    images = _rng().integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+def _fake_tfds_source(monkeypatch, images: np.ndarray, asked: list | None = None) -> None:
+    """A fake `tensorflow_datasets` whose data source holds `images`, labelled by index
+    (the keys read are appended to `asked`)."""
 
     class Source:
         dataset_info = types.SimpleNamespace(
@@ -430,14 +430,22 @@ def test_tfds_data_source_conversion(monkeypatch):
         )
 
         def __len__(self):
-            return 5
+            return len(images)
 
         def __getitems__(self, keys):
+            if asked is not None:
+                asked.extend(keys)
             return [{"image": images[k], "label": np.int64(k)} for k in keys]
 
     fake = types.ModuleType("tensorflow_datasets")
     fake.data_source = lambda name, **kwargs: Source()
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+
+
+def test_tfds_data_source_conversion(monkeypatch):
+    """The tfds path on a fake `tensorflow_datasets` (the real one needs internet)."""
+    images = _rng().integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    _fake_tfds_source(monkeypatch, images)
     ds = load_dataset("mnist", "test", source="tfds")
     np.testing.assert_array_equal(ds.images, images)
     np.testing.assert_array_equal(ds.labels, np.arange(5))
@@ -684,24 +692,11 @@ def test_raw_formats_and_tfds_select(tmp_path, monkeypatch):
     np.testing.assert_array_equal(ds.images, images[1::3])
     np.testing.assert_array_equal(ds.labels, labels[1::3])
     asked = []
-
-    class Source:
-        dataset_info = types.SimpleNamespace(
-            features={"label": types.SimpleNamespace(names=list("0123456789"))}
-        )
-
-        def __len__(self):
-            return 7
-
-        def __getitems__(self, keys):
-            asked.extend(keys)
-            return [
-                {"image": np.full((28, 28, 1), k, np.uint8), "label": np.int64(k)} for k in keys
-            ]
-
-    fake = types.ModuleType("tensorflow_datasets")
-    fake.data_source = lambda name, **kwargs: Source()
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+    _fake_tfds_source(
+        monkeypatch,
+        np.arange(7, dtype=np.uint8)[:, None, None, None] + np.zeros((7, 28, 28, 1), np.uint8),
+        asked,
+    )
     ds = load_dataset("mnist", "test", source="tfds", select=lambda n: np.array([2, 6]))
     assert asked == [2, 6]  # only the selected records are read
     np.testing.assert_array_equal(ds.labels, [2, 6])
