@@ -601,8 +601,9 @@ def build_app(demo: FieldDemo, examples: dict, *, workdir: Path | None = None):
             how = "Draw a digit (or pick an MNIST test image, or upload one)"
         else:
             how = (
-                f"Pick a {data.title} test image or upload a picture (made RGB, scaled and "
-                f"centre-cropped to {data.size}x{data.size}; drawing is for digit models only)"
+                f"Pick a {data.title.split()[0]} test image or upload a picture (made RGB, "
+                f"scaled and centre-cropped to {data.size}x{data.size}; drawing is for digit "
+                "models only)"
             )
         gr.Markdown(
             f"## fractal-field: a trained field classifying a {thing}\n"

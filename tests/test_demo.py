@@ -439,10 +439,28 @@ def _draw_seven(page) -> None:
     page.mouse.up()
 
 
-def _top_class(page) -> str:
+def _top_class(page, classes=demo.MNIST_CLASSES) -> str:
     """The class `gr.Label` shows in its heading (the first line that is a class name)."""
     lines = [t.strip() for t in page.locator("#probs").inner_text().split("\n")]
-    return next(t for t in lines if t in demo.MNIST_CLASSES)
+    return next(t for t in lines if t in classes)
+
+
+def _wait_for_images(page) -> None:
+    for frames in ("#model-input", "#animation", "#evolution", "#residual"):
+        # Fails (times out) unless an image loads there; Gradio may swap the <img> element
+        # (the animation's) after it loads, so the check is the wait itself.
+        page.wait_for_function(
+            "s => [...document.querySelectorAll(s + ' img')]"
+            ".some(e => e.complete && e.naturalWidth > 0)",
+            arg=frames,
+            timeout=60_000,
+        )
+
+
+def _pick(page, name: str) -> None:
+    page.get_by_role("tab", name="Test image").click()
+    page.locator("#pick input").click()
+    page.get_by_role("option", name=name).click()
 
 
 @pytest.mark.slow
@@ -465,19 +483,9 @@ def test_demo_in_browser(tmp_path):
         assert "Prediction: 7" in status and "Anderson solver" in status
         assert _top_class(page) == "7"
         assert page.locator("#probs").inner_text().count("%") == 10  # all ten classes shown
-        for frames in ("#model-input", "#animation", "#evolution", "#residual"):
-            # Fails (times out) unless an image loads there; Gradio may swap the <img> element
-            # (the animation's) after it loads, so the check is the wait itself.
-            page.wait_for_function(
-                "s => [...document.querySelectorAll(s + ' img')]"
-                ".some(e => e.complete && e.naturalWidth > 0)",
-                arg=frames,
-                timeout=60_000,
-            )
+        _wait_for_images(page)
 
-        page.get_by_role("tab", name="Test image").click()
-        page.locator("#pick input").click()
-        page.get_by_role("option", name="test image 1 (label 2)").click()
+        _pick(page, "test image 1 (label 2)")
         assert "Prediction: 2" in _status(page, "Prediction: 2")
         assert _top_class(page) == "2"
 
@@ -492,14 +500,48 @@ def test_demo_in_browser(tmp_path):
         assert "Traceback" not in page.content()
 
 
-def _screenshot(path: str) -> None:
-    with running_app() as url, browser_page() as page:
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_demo_cifar10_in_browser():
+    """The CIFAR-10 model: no sketchpad; a picked test image -> a prediction among the ten
+    CIFAR-10 classes, the same in the text and the probabilities, and the field's frames."""
+    checkpoint = str(ROOT / "checkpoints" / "cifar10_small.eqx")
+    with (
+        running_app("--checkpoint", checkpoint, "--max-budget", "30") as url,
+        browser_page() as page,
+    ):
         page.goto(url, timeout=120_000)
-        page.wait_for_selector("#sketch canvas", timeout=120_000)
-        _draw_seven(page)
-        page.locator("#classify-drawing").click()
+        page.wait_for_selector("#pick", timeout=120_000)
+        assert page.locator("#sketch").count() == 0
+        assert "drawing is for digit models only" in page.content()
+        _pick(page, "test image 8000 (label ship)")
+        status = _status(page, "Prediction")
+        top = _top_class(page, demo.CIFAR10_CLASSES)
+        assert f"Prediction: {top}" in status and "Anderson solver" in status
+        assert page.locator("#probs").inner_text().count("%") == 10
+        _wait_for_images(page)
+        assert "Traceback" not in page.content()
+
+
+def _screenshot(path: str, checkpoint: str | None) -> None:
+    args = () if checkpoint is None else ("--checkpoint", checkpoint)
+    with running_app(*args) as url, browser_page() as page:
+        page.goto(url, timeout=120_000)
+        page.wait_for_selector("#pick", timeout=120_000)
+        if page.locator("#sketch").count():
+            page.wait_for_selector("#sketch canvas", timeout=120_000)
+            _draw_seven(page)
+            page.locator("#classify-drawing").click()
+        else:
+            _pick(page, "test image 8000 (label ship)")
         _status(page, "Prediction")
+        _wait_for_images(page)
         page.wait_for_timeout(3000)
+        page.wait_for_function(  # every event done (a pick may fire twice)
+            "() => !document.body.innerText.includes('processing')", timeout=120_000
+        )
+        _wait_for_images(page)
+        page.wait_for_timeout(2000)
         page.screenshot(path=path, full_page=True)
     print(f"Wrote {path}")
 
@@ -509,4 +551,6 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Screenshot of the web demo.")
     parser.add_argument("--screenshot", required=True, help="PNG file to write")
-    _screenshot(parser.parse_args().screenshot)
+    parser.add_argument("--checkpoint", default=None, help="the demo's model (default MNIST)")
+    args = parser.parse_args()
+    _screenshot(args.screenshot, args.checkpoint)
