@@ -11,8 +11,8 @@ sketchpad, the MNIST test images shipped in `scripts/demo_digits/`, or an upload
 prepared as MNIST digits were: grayscale, white on black, the strokes scaled into a 20x20 box
 and centred by their centre of mass in a 28x28 image. For a CIFAR-10 model the test images
 shipped in `scripts/demo_cifar10/`, or any uploaded picture, made RGB, scaled and centre-cropped
-to 32x32. With `--data-dir`, the first test images of the model's dataset there are offered
-instead of the shipped ones. Outputs: the class probabilities, the image the
+to 32x32. With `--data-dir`, test images of the model's dataset there (the first five of each
+class) are offered instead of the shipped ones. Outputs: the class probabilities, the image the
 model sees, an animation and a grid of the field's iterates (magnitude and phase) and the
 residual curve. The solver (Naive, Anderson, Multigrid) and its budget (max steps) are
 controls: one solve to the largest budget per input and solver is recorded and every smaller
@@ -700,7 +700,7 @@ def build_app(demo: FieldDemo, examples: dict, *, workdir: Path | None = None):
         outputs = [current, status, seen, probs, anim, evolution, residual]
         if data.drawing:
             draw_btn.click(from_drawing, [sketch, solver, budget], outputs)
-        pick.input(from_example, [pick, solver, budget], outputs)
+        pick.select(from_example, [pick, solver, budget], outputs)
         upload.upload(from_upload, [upload, solver, budget], outputs)
         solver.input(again, [current, solver, budget], outputs)
         budget.release(again, [current, solver, budget], outputs)

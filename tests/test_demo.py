@@ -527,7 +527,7 @@ def _screenshot(path: str, checkpoint: str | None) -> None:
     args = () if checkpoint is None else ("--checkpoint", checkpoint)
     with running_app(*args) as url, browser_page() as page:
         page.goto(url, timeout=120_000)
-        page.wait_for_selector("#pick", timeout=120_000)
+        page.wait_for_selector("#status", timeout=120_000)
         if page.locator("#sketch").count():
             page.wait_for_selector("#sketch canvas", timeout=120_000)
             _draw_seven(page)
