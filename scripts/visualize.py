@@ -25,26 +25,34 @@ from fractal_field import viz
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "mnist_nano.eqx"
+IMAGE_SIZE = {"mnist": 28, "cifar10": 32}  # of the synthetic stand-in when data is missing
 
 
 def load_model_or_random(checkpoint: str | Path | None, preset: str = "nano"):
     """`(model, dataset_name, note)`: the checkpoint's model, or a random `preset` model."""
+    return _load(checkpoint, preset)[:3]
+
+
+def _load(checkpoint, preset):
+    """`(model, dataset_name, note, image_size)`; the image size of the training data."""
     from fractal_field._model import make_model
     from fractal_field._train import load_model
 
     path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
     if path.exists():
         model, meta = load_model(path, with_meta=True)
-        data = meta.get("config", {}).get("data", {}).get("name", "mnist")
+        data = meta.get("config", {}).get("data", {})
+        name = data.get("name", "mnist")
+        size = IMAGE_SIZE.get(name, data.get("image_size", 8))
         print(f"Model: {path}")
         # Figure titles name the file only (no machine paths in the figures).
-        return model, data, f"trained model {path.name}"
+        return model, name, f"trained model {path.name}", size
     print(
         f"WARNING: no checkpoint at {path}; using a RANDOMLY INITIALISED {preset!r} model. "
         "The figures show the solver on an untrained field, not a trained one. Pass "
         "--checkpoint PATH (a .eqx file or a training workdir)."
     )
-    return make_model(preset, key=jr.PRNGKey(0)), "mnist", f"random {preset} model"
+    return make_model(preset, key=jr.PRNGKey(0)), "mnist", f"random {preset} model", 28
 
 
 def load_images(name: str, data_dir: str | None, image_size: int, channels: int):
@@ -82,11 +90,15 @@ def main(argv=None):
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, data_name, note = load_model_or_random(args.checkpoint)
+    model, data_name, note, size = _load(args.checkpoint, "nano")
     cin = model.encoder.in_channels
-    ds = load_images(data_name, args.data_dir, 28, cin)
+    ds = load_images(data_name, args.data_dir, size, cin)
+    if not 0 <= args.input < len(ds.labels):
+        p.error(f"--input {args.input} is not an index of the {len(ds.labels)} test images.")
     x = np.asarray(ds.normalize(ds.images[args.input : args.input + 1]))[0]
     label = int(ds.labels[args.input])
+    if ds.class_names[label] != str(label):
+        label = f"{label}, {ds.class_names[label]}"
     tol = dict(rtol=args.rtol, atol=1e-7)
 
     # The literal iteration of the cell (Naive): the field crystallising from z = 0.

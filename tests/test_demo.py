@@ -1,14 +1,17 @@
-"""The web demo (`scripts/demo.py`): preparing drawings and uploads as MNIST digits, the
-solves behind it, and the app itself in a real (headless Chromium) browser.
+"""The web demo (`scripts/demo.py`): preparing drawings and uploads as MNIST digits and
+pictures as CIFAR-10 images, the solves behind it, and the app itself in a real (headless
+Chromium) browser.
 
 `python tests/test_demo.py --screenshot docs/images/demo.png` starts the app, draws a digit
-in the browser, classifies it and saves a screenshot of the page.
+in the browser, classifies it and saves a screenshot of the page;
+`--checkpoint checkpoints/cifar10_small.eqx` picks a CIFAR-10 test image instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -50,6 +53,8 @@ def _load_demo():
 demo = _load_demo()
 DIGITS = demo.example_images()
 SEVEN = DIGITS["test image 0 (label 7)"]
+PHOTOS = demo.example_images(demo.DATASETS["cifar10"])
+CHECKPOINTS = {"mnist": "mnist_nano.eqx", "cifar10": "cifar10_small.eqx"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,11 +165,86 @@ def test_prepare_upload_bad_input(tmp_path, name, content, match):
         demo.prepare_upload(path)
 
 
-def test_example_images_shipped():
-    """One MNIST test image of each class ships with the demo (no download)."""
-    labels = sorted(int(name[-2]) for name in DIGITS)
-    assert labels == list(range(10))
-    assert all(x.shape == (28, 28) and x.dtype == np.uint8 for x in DIGITS.values())
+@pytest.mark.parametrize("name, shape", [("mnist", (28, 28)), ("cifar10", (32, 32, 3))])
+def test_example_images_shipped(name, shape):
+    """One test image of each class ships with the demo (no download)."""
+    dataset = demo.DATASETS[name]
+    images = demo.example_images(dataset)
+    labels = [key.split("(label ")[1][:-1] for key in images]
+    assert sorted(labels) == sorted(dataset.classes)  # one of each class
+    assert dataset.shape == shape
+    assert all(x.shape == shape and x.dtype == np.uint8 and x.std() > 0 for x in images.values())
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_dataset_of_checkpoint_and_normalisation(name):
+    """The shipped checkpoints' training configs name their datasets, whose normalisation is
+    the training data's: `(x / 255 - mean) / std` per channel, channels first."""
+    meta = json.loads((ROOT / "checkpoints" / (CHECKPOINTS[name] + ".json")).read_text())
+    dataset = demo.dataset_of(meta)
+    assert dataset is demo.DATASETS[name]
+    image = next(iter(demo.example_images(dataset).values()))
+    mean, std = {
+        "mnist": ([0.1307], [0.3081]),
+        "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    }[name]
+    hwc = image.reshape(*image.shape[:2], -1).astype(np.float64) / 255
+    ref = np.moveaxis((hwc - mean) / np.asarray(std), -1, 0)
+    np.testing.assert_allclose(dataset.normalize(image), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("meta", [{}, {"config": {"data": {"name": "folder"}}}])
+def test_dataset_of_unknown(meta):
+    with pytest.raises(ValueError, match="models trained on mnist or cifar10"):
+        demo.dataset_of(meta)
+
+
+def test_prepare_photo_keeps_a_cifar_image(tmp_path):
+    """A 32x32 image is taken as it is, as RGB (a grayscale one in three equal channels)."""
+    image = PHOTOS["test image 3000 (label cat)"]
+    path = tmp_path / "cat.png"
+    Image.fromarray(image).save(path)
+    np.testing.assert_array_equal(demo.prepare_photo(path), image)
+    Image.fromarray(image[..., 1]).save(path)
+    np.testing.assert_array_equal(demo.prepare_photo(path), np.stack([image[..., 1]] * 3, -1))
+
+
+def test_prepare_photo_scales_and_centre_crops(tmp_path):
+    """A 192x64 picture (red, green, blue thirds) is scaled to 96x32 and its centre 32x32, the
+    green third, kept; a transparent picture is composited onto white."""
+    wide = np.zeros((64, 192, 3), np.uint8)
+    wide[:, :64, 0] = wide[:, 64:128, 1] = wide[:, 128:, 2] = 255
+    path = tmp_path / "wide.png"
+    Image.fromarray(wide).save(path)
+    out = demo.prepare_photo(path)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    inner = out[:, 3:-3].astype(int)  # away from the thirds' edges, where the filter mixes
+    np.testing.assert_allclose(inner, np.broadcast_to([0, 255, 0], inner.shape), atol=2)
+    clear = np.zeros((40, 50, 4), np.uint8)
+    clear[..., 3] = 0  # fully transparent (black) pixels
+    Image.fromarray(clear).save(path)
+    np.testing.assert_array_equal(demo.prepare_photo(path), np.full((32, 32, 3), 255))
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("none", None, "No file uploaded: choose an image file .* of one object"),
+        ("notes.txt", b"not an image", "is not an image file"),
+        ("small.png", (20, 40), r"is 40x20 pixels: upload a picture at least 32 pixels a side"),
+        ("huge.png", (40, 5000), r"is 5000x40 pixels: images up to 4096"),
+    ],
+)
+def test_prepare_photo_bad_input(tmp_path, name, content, match):
+    path = None
+    if content is not None:
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            Image.fromarray(np.full((*content, 3), 128, np.uint8)).save(path)
+    with pytest.raises(demo.InputError, match=match):
+        demo.prepare_photo(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +298,52 @@ def test_field_demo_needs_a_digit_classifier():
     model = ff.make_model("nano", in_channels=3, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="1 input channel and 10 classes, got 3 and 10"):
         demo.FieldDemo(model)
+
+
+@pytest.mark.parametrize(
+    "dataset, channels, classes, match",
+    [
+        ("cifar10", 1, 10, "CIFAR-10 images: it needs a model with 3 input channels and 10 "),
+        ("cifar10", 3, 100, "3 input channels and 10 classes, got 3 and 100"),
+        ("mnist", 3, 100, "MNIST digits: it needs a model with 1 input channel and 10 classes"),
+        ("svhn", 3, 10, r"Unknown dataset 'svhn': choose one of \['mnist', 'cifar10'\]"),
+    ],
+)
+def test_field_demo_refuses_other_models(dataset, channels, classes, match):
+    model = ff.make_model(
+        "tiny", in_channels=channels, num_classes=classes, key=jax.random.PRNGKey(0)
+    )
+    with pytest.raises(ValueError, match=match):
+        demo.FieldDemo(model, dataset)
+
+
+@pytest.fixture(scope="module")
+def cifar_demo():
+    return demo.FieldDemo.from_checkpoint(ROOT / "checkpoints" / "cifar10_small.eqx", max_budget=4)
+
+
+def test_cifar_run_agrees_with_the_batched_model(cifar_demo, tmp_path):
+    """A shipped CIFAR-10 image: valid probabilities over the ten classes, equal to those of
+    the model's own (planar) batch solve of the same input with the same budget; and the
+    pictures of the run."""
+    assert cifar_demo.dataset.name == "cifar10" and cifar_demo.model.batch_solve == "planar"
+    image = PHOTOS["test image 8000 (label ship)"]
+    run = cifar_demo.run(image, "Naive", 3)
+    p = run.probabilities
+    assert p.shape == (10,) and np.all(p >= 0) and p.sum() == pytest.approx(1, abs=1e-5)
+    assert run.label == demo.CIFAR10_CLASSES[run.prediction]
+    assert run.steps == 3 and not run.converged and run.trajectory.shape[0] == 4
+    x = cifar_demo.dataset.normalize(image)
+    logits, sol = cifar_demo.model.batched(x[None], solver=ff.Naive(), max_steps=3)
+    np.testing.assert_allclose(p, jax.nn.softmax(logits[0]), atol=1e-5)
+    assert int(sol.stats.num_steps[0]) == 3
+    assert f"**Prediction: {run.label}**" in demo.summary(run)
+    with pytest.raises(demo.InputError, match=r"uint8 \(32, 32, 3\) image, got uint8 \(28, 28\)"):
+        cifar_demo.run(SEVEN, "Naive", 3)
+    pics = demo.pictures(run, tmp_path)
+    np.testing.assert_array_equal(pics["input"][::8, ::8], image)
+    with Image.open(pics["animation"]) as gif:
+        assert gif.n_frames == run.steps + 1
 
 
 def test_pictures(field_demo, tmp_path):
@@ -313,10 +439,28 @@ def _draw_seven(page) -> None:
     page.mouse.up()
 
 
-def _top_class(page) -> str:
+def _top_class(page, classes=demo.MNIST_CLASSES) -> str:
     """The class `gr.Label` shows in its heading (the first line that is a class name)."""
     lines = [t.strip() for t in page.locator("#probs").inner_text().split("\n")]
-    return next(t for t in lines if t in demo.MNIST_CLASSES)
+    return next(t for t in lines if t in classes)
+
+
+def _wait_for_images(page) -> None:
+    for frames in ("#model-input", "#animation", "#evolution", "#residual"):
+        # Fails (times out) unless an image loads there; Gradio may swap the <img> element
+        # (the animation's) after it loads, so the check is the wait itself.
+        page.wait_for_function(
+            "s => [...document.querySelectorAll(s + ' img')]"
+            ".some(e => e.complete && e.naturalWidth > 0)",
+            arg=frames,
+            timeout=60_000,
+        )
+
+
+def _pick(page, name: str) -> None:
+    page.get_by_role("tab", name="Test image").click()
+    page.locator("#pick input").click()
+    page.get_by_role("option", name=name).click()
 
 
 @pytest.mark.slow
@@ -339,19 +483,9 @@ def test_demo_in_browser(tmp_path):
         assert "Prediction: 7" in status and "Anderson solver" in status
         assert _top_class(page) == "7"
         assert page.locator("#probs").inner_text().count("%") == 10  # all ten classes shown
-        for frames in ("#model-input", "#animation", "#evolution", "#residual"):
-            # Fails (times out) unless an image loads there; Gradio may swap the <img> element
-            # (the animation's) after it loads, so the check is the wait itself.
-            page.wait_for_function(
-                "s => [...document.querySelectorAll(s + ' img')]"
-                ".some(e => e.complete && e.naturalWidth > 0)",
-                arg=frames,
-                timeout=60_000,
-            )
+        _wait_for_images(page)
 
-        page.get_by_role("tab", name="Test image").click()
-        page.locator("#pick input").click()
-        page.get_by_role("option", name="test image 1 (label 2)").click()
+        _pick(page, "test image 1 (label 2)")
         assert "Prediction: 2" in _status(page, "Prediction: 2")
         assert _top_class(page) == "2"
 
@@ -366,14 +500,48 @@ def test_demo_in_browser(tmp_path):
         assert "Traceback" not in page.content()
 
 
-def _screenshot(path: str) -> None:
-    with running_app() as url, browser_page() as page:
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_demo_cifar10_in_browser():
+    """The CIFAR-10 model: no sketchpad; a picked test image -> a prediction among the ten
+    CIFAR-10 classes, the same in the text and the probabilities, and the field's frames."""
+    checkpoint = str(ROOT / "checkpoints" / "cifar10_small.eqx")
+    with (
+        running_app("--checkpoint", checkpoint, "--max-budget", "30") as url,
+        browser_page() as page,
+    ):
         page.goto(url, timeout=120_000)
-        page.wait_for_selector("#sketch canvas", timeout=120_000)
-        _draw_seven(page)
-        page.locator("#classify-drawing").click()
+        page.wait_for_selector("#pick", timeout=120_000)
+        assert page.locator("#sketch").count() == 0
+        assert "drawing is for digit models only" in page.content()
+        _pick(page, "test image 8000 (label ship)")
+        status = _status(page, "Prediction")
+        top = _top_class(page, demo.CIFAR10_CLASSES)
+        assert f"Prediction: {top}" in status and "Anderson solver" in status
+        assert page.locator("#probs").inner_text().count("%") == 10
+        _wait_for_images(page)
+        assert "Traceback" not in page.content()
+
+
+def _screenshot(path: str, checkpoint: str | None) -> None:
+    args = () if checkpoint is None else ("--checkpoint", checkpoint)
+    with running_app(*args) as url, browser_page() as page:
+        page.goto(url, timeout=120_000)
+        page.wait_for_selector("#status", timeout=120_000)
+        if page.locator("#sketch").count():
+            page.wait_for_selector("#sketch canvas", timeout=120_000)
+            _draw_seven(page)
+            page.locator("#classify-drawing").click()
+        else:
+            _pick(page, "test image 8000 (label ship)")
         _status(page, "Prediction")
+        _wait_for_images(page)
         page.wait_for_timeout(3000)
+        page.wait_for_function(  # every event done (a pick may fire twice)
+            "() => !document.body.innerText.includes('processing')", timeout=120_000
+        )
+        _wait_for_images(page)
+        page.wait_for_timeout(2000)
         page.screenshot(path=path, full_page=True)
     print(f"Wrote {path}")
 
@@ -383,4 +551,6 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Screenshot of the web demo.")
     parser.add_argument("--screenshot", required=True, help="PNG file to write")
-    _screenshot(parser.parse_args().screenshot)
+    parser.add_argument("--checkpoint", default=None, help="the demo's model (default MNIST)")
+    args = parser.parse_args()
+    _screenshot(args.screenshot, args.checkpoint)

@@ -115,3 +115,18 @@ def test_figure_titles_show_no_absolute_paths(tmp_path):
 def test_visualize_accepts_models_trained_on_synthetic_data():
     ds = _visualize_script().load_images("synthetic", None, image_size=8, channels=1)
     assert len(ds) == 200 and ds.image_shape == (1, 8, 8)
+
+
+def test_visualize_stand_in_images_have_the_training_size(tmp_path, monkeypatch):
+    """Without the test data, a CIFAR-10 model is shown synthetic 32x32 RGB images."""
+    import fractal_field._train as train
+
+    ckpt = tmp_path / "cifar.eqx"
+    ckpt.write_bytes(b"")
+    meta = {"config": {"data": {"name": "cifar10"}}}
+    monkeypatch.setattr(train, "load_model", lambda path, with_meta: ("model", meta))
+    script = _visualize_script()
+    _, name, _, size = script._load(ckpt, "nano")
+    assert (name, size) == ("cifar10", 32)
+    ds = script.load_images(name, str(tmp_path), size, 3)  # no CIFAR-10 files there
+    assert ds.image_shape == (3, 32, 32)
