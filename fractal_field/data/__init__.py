@@ -44,6 +44,7 @@ from .paths import (
     default_cache_dir,
     resolve_data_dir,
 )
+from .prefetch import prefetch
 from .tfds_source import load_tfds
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "load_mnist_idx",
     "load_tfds",
     "normalize",
+    "prefetch",
     "read_idx",
     "resolve_data_dir",
 ]
