@@ -194,6 +194,36 @@ def test_prefetching_trains_bit_identical_parameters(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def test_loop_overhead_benchmark_writes_its_results_file(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "loop_overhead", ROOT / "benchmarks" / "loop_overhead.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "loop_overhead.json"
+    make = _train.make_train_step
+    bench.main(["--smoke", "--out", str(out)])
+    assert _train.make_train_step is make  # restored after timing it
+    r = json.loads(out.read_text())
+    assert r["command"] == f"python benchmarks/loop_overhead.py --smoke --out {out}"
+    assert r["date"] and r["hardware"] and r["jax"] == jax.__version__
+    assert (r["steps_per_run"], r["steps_compared"], r["repeats"]) == (4, 2, 1)
+    # The loop with and without prefetching and the isolated steps trained the same model.
+    assert r["same_parameters"] is True
+    assert [row["prefetch"] for row in r["rows"]] == [0, 2]
+    for row in r["rows"]:
+        (rep,) = row["repeats"]
+        assert row["overhead"] == rep["overhead"]
+        # overhead: loop / isolated - 1 over the same steps.
+        np.testing.assert_allclose(
+            row["overhead"], row["loop_step_ms"] / row["isolated_step_ms"] - 1, rtol=1e-9
+        )
+        np.testing.assert_allclose(
+            row["cpu_overhead"], row["loop_cpu_step_ms"] / row["isolated_cpu_step_ms"] - 1
+        )
+        assert row["isolated_step_ms"] > 0 and row["prepare_cpu_ms"] >= 0
+
+
 def _inexact(model):
     return [
         np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
