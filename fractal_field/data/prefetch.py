@@ -28,9 +28,10 @@ def prefetch(iterable: Iterable[T], size: int = 2) -> Iterator[T]:
 
     **Returns:** a generator of the same items in the same order. An exception raised while
     drawing an item is raised in the caller, at that item. Closing the generator (`close()`,
-    a `break` out of a `for` loop once it is released, or an exception in the loop) stops the
-    thread: it finishes the item it is drawing, drops the prepared ones and ends, and
-    `iterable`'s own `close()` (a generator's) is then called.
+    or releasing it, e.g. after a `break`) stops the thread: it finishes the item it is
+    drawing, drops the prepared ones and ends; then `iterable`'s own `close()` (a
+    generator's) is called. Close it in a `finally` (or use `contextlib.closing`) so that an
+    exception in the loop, such as `KeyboardInterrupt`, stops the thread too.
     """
     if isinstance(size, bool) or not isinstance(size, int):
         raise TypeError(f"prefetch size={size!r} must be an int >= 0.")
