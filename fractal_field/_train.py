@@ -49,6 +49,7 @@ from .data import (
     augment,
     load_dataset,
     load_sharded,
+    prefetch,
     process_shards,
 )
 
@@ -552,6 +553,9 @@ def train(
     ):
         raise ValueError(f"pretrain_steps={pretrain_steps!r} must be an integer >= 0.")
     pretrain_solve = unrolled_solve(config.get("pretrain_unroll", 10))
+    ahead = config.data.get("prefetch", 2)
+    if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 0:
+        raise ValueError(f"data.prefetch={ahead!r} must be an int >= 0 (0: no prefetching).")
     ckdir = workdir / "checkpoints"
     if progress is None:
         progress = sys.stderr.isatty()
@@ -703,9 +707,15 @@ def train(
             if not math.isfinite(m.get(name, 0.0)):
                 raise FloatingPointError(f"{name} became {m[name]} at step {step + 1}.")
 
+    def to_device(batch):
+        images, labels = batch
+        x = to_global(np.asarray(train_ds.normalize(images)), data_sharding)
+        return x, to_global(labels, data_sharding)
+
     stopped = None
     summary: dict = {}
     bar = None
+    feed = None
     try:
         with interrupt:
             while state["epoch"] < config.epochs and stopped is None:
@@ -718,17 +728,18 @@ def train(
                 batches = train_ds.batches(
                     bs, seed=config.seed, epoch=epoch, start_batch=state["batch"]
                 )
+                # The next batches are drawn, normalised and put on the devices in a
+                # background thread while the current step runs (`data.prefetch` ahead).
+                feed = prefetch(map(to_device, batches), size=ahead)
                 # The host reads step k's metrics after dispatching step k + 1, so that it
                 # prepares the next batch while the device computes (no per-step stall). A
                 # checkpoint or a stop first reads the pending metrics, so a model whose loss
                 # was non-finite is never saved.
                 pending = None
-                for images, labels in batches:
+                for x, y in feed:
                     if interrupt.flag:  # e.g. a signal during the last epoch's checkpoints
                         stopped = signal.Signals(interrupt.signum).name
                         break
-                    x = to_global(np.asarray(train_ds.normalize(images)), data_sharding)
-                    y = to_global(labels, data_sharding)
                     step_key = jr.fold_in(aug_key, state["step"])
                     # Phase-flow probe (`ff.fractal.log_phase_flow`), before the step donates x, y.
                     every = config.get("fractal_probe_every", 0)
@@ -766,6 +777,7 @@ def train(
                         save(last)
                     if stopped:
                         break
+                feed.close()  # after a `break`: stops the thread, drops prepared batches
                 if pending is not None:
                     report(*pending)
                 if bar is not None:
@@ -827,6 +839,8 @@ def train(
                         flush=True,
                     )
     finally:
+        if feed is not None:
+            feed.close()
         if bar is not None:
             bar.close()
         log.close()

@@ -7,6 +7,8 @@ import pickle
 import socket
 import sys
 import tarfile
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -700,3 +702,120 @@ def test_raw_formats_and_tfds_select(tmp_path, monkeypatch):
     ds = load_dataset("mnist", "test", source="tfds", select=lambda n: np.array([2, 6]))
     assert asked == [2, 6]  # only the selected records are read
     np.testing.assert_array_equal(ds.labels, [2, 6])
+
+
+# prefetch
+
+
+class _Source:
+    """An iterator over `range(n)` (endless if `n` is None) that records how many items it
+    drew, in which threads, and whether it was closed; drawing item `fail_at` raises."""
+
+    def __init__(self, n=None, fail_at=None):
+        self.n, self.fail_at = n, fail_at
+        self.drawn, self.threads, self.closed = 0, set(), False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.n is not None and self.drawn >= self.n:
+            raise StopIteration
+        if self.drawn == self.fail_at:
+            raise ValueError(f"bad item {self.drawn}")
+        self.threads.add(threading.current_thread().name)
+        self.drawn += 1
+        return self.drawn - 1
+
+    def close(self):
+        self.closed = True
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "prefetch" and t.is_alive()]
+
+
+def _wait_for(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return condition()
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 7])
+def test_prefetch_keeps_the_order(size):
+    src = _Source(50)
+    got = list(data.prefetch(map(lambda i: np.full(3, i), src), size))
+    np.testing.assert_array_equal(np.stack(got), np.repeat(np.arange(50)[:, None], 3, 1))
+    assert not _prefetch_threads()
+    # Drawn in the background thread, or in the caller's with size 0.
+    assert src.threads == {"prefetch" if size else threading.current_thread().name}
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_prefetch_draws_size_items_ahead_and_no_more(size):
+    src = _Source()
+    feed = data.prefetch(src, size)
+    assert next(feed) == 0
+    # `size` items wait in the queue; the thread holds one more, waiting for room.
+    assert _wait_for(lambda: src.drawn == size + 2), src.drawn
+    time.sleep(0.05)
+    assert src.drawn == size + 2
+    assert [next(feed) for _ in range(3)] == [1, 2, 3]
+    feed.close()
+    assert src.closed and not _prefetch_threads()
+
+
+@pytest.mark.parametrize("size", [0, 2])
+def test_prefetch_raises_the_sources_error_at_its_item(size):
+    feed = data.prefetch(_Source(10, fail_at=3), size)
+    assert [next(feed) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="bad item 3"):
+        next(feed)
+    assert not _prefetch_threads()
+    with pytest.raises(StopIteration):
+        next(feed)
+
+
+def _break_after(feed, n):
+    for i in feed:
+        if i == n:
+            break  # `feed` is released when this function returns
+
+
+@pytest.mark.parametrize("how", ["break", "close", "KeyboardInterrupt"])
+def test_prefetch_stops_its_thread_when_the_loop_ends_early(how):
+    src = _Source()  # endless: only a stop ends the thread
+    if how == "break":
+        _break_after(data.prefetch(src, 2), 3)
+    elif how == "close":
+        feed = data.prefetch(src, 2)
+        assert next(feed) == 0
+        feed.close()
+    else:
+        feed = data.prefetch(src, 2)
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                for i in feed:
+                    if i == 5:
+                        raise KeyboardInterrupt
+            finally:
+                feed.close()  # what `ff.train` does in its `finally`
+    assert src.closed and not _prefetch_threads()
+    drawn = src.drawn
+    time.sleep(0.05)
+    assert src.drawn == drawn <= 5 + 2 + 2
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        ((range(3), -1), ValueError, "must be >= 0"),
+        ((range(3), 1.5), TypeError, "must be an int"),
+        ((range(3), True), TypeError, "must be an int"),
+        ((3, 2), TypeError, "needs an iterable, got int"),
+    ],
+)
+def test_prefetch_bad_arguments(args, error, match):
+    with pytest.raises(error, match=match):
+        data.prefetch(*args)

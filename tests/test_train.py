@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import equinox as eqx
@@ -152,6 +153,77 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert [e["epoch"] for e in evals] == [0, 1]
 
 
+def _share_train_step(monkeypatch) -> None:
+    """Every `ff.train` of the test gets the step compiled by the first (one config)."""
+    make, made = _train.make_train_step, []
+
+    def shared(*args, **kwargs):
+        if not made:
+            made.append(make(*args, **kwargs))
+        return made[0]
+
+    monkeypatch.setattr(_train, "make_train_step", shared)
+
+
+def _prefetch_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "prefetch" and t.is_alive()]
+
+
+def test_prefetching_trains_bit_identical_parameters(tmp_path, monkeypatch):
+    _share_train_step(monkeypatch)
+    base = ["epochs=2", "data.train_size=128"]
+    runs = {}
+    for ahead in (0, 2):
+        config = ff.load_config(SMOKE, [*base, f"data.prefetch={ahead}"])
+        runs[ahead] = ff.train(config, tmp_path / str(ahead), progress=False)
+        assert not _prefetch_threads()
+    for a, b in zip(_params(runs[0]["model"]), _params(runs[2]["model"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    losses = [[r["loss"] for r in _steps(tmp_path / str(ahead))] for ahead in (0, 2)]
+    assert losses[0] == losses[1] and len(losses[0]) == 8
+    # A stop with batches prepared ahead: the thread ends, the stop saves the step it reached
+    # and the resumed run trains the same parameters.
+    config = ff.load_config(SMOKE, [*base, "data.prefetch=2"])
+    out = ff.train(config, tmp_path / "split", stop_after_steps=3, progress=False)
+    assert out["stopped"] == "stop_after_steps" and not _prefetch_threads()
+    meta = json.loads((tmp_path / "split/checkpoints/last.eqx.json").read_text())
+    assert (meta["epoch"], meta["batch"], meta["step"]) == (0, 3, 3)
+    resumed = ff.train(config, tmp_path / "split", progress=False)
+    assert resumed["state"]["step"] == 8
+    for a, b in zip(_params(resumed["model"]), _params(runs[0]["model"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_loop_overhead_benchmark_writes_its_results_file(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "loop_overhead", ROOT / "benchmarks" / "loop_overhead.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "loop_overhead.json"
+    make = _train.make_train_step
+    bench.main(["--smoke", "--out", str(out)])
+    assert _train.make_train_step is make  # restored after timing it
+    r = json.loads(out.read_text())
+    assert r["command"] == f"python benchmarks/loop_overhead.py --smoke --out {out}"
+    assert r["date"] and r["hardware"] and r["jax"] == jax.__version__
+    assert (r["steps_per_run"], r["steps_compared"], r["repeats"]) == (4, 2, 1)
+    # The loop with and without prefetching and the isolated steps trained the same model.
+    assert r["same_parameters"] is True
+    assert [row["prefetch"] for row in r["rows"]] == [0, 2]
+    for row in r["rows"]:
+        (rep,) = row["repeats"]
+        assert row["overhead"] == rep["overhead"]
+        # overhead: loop / isolated - 1 over the same steps.
+        np.testing.assert_allclose(
+            row["overhead"], row["loop_step_ms"] / row["isolated_step_ms"] - 1, rtol=1e-9
+        )
+        np.testing.assert_allclose(
+            row["cpu_overhead"], row["loop_cpu_step_ms"] / row["isolated_cpu_step_ms"] - 1
+        )
+        assert row["isolated_step_ms"] > 0 and row["prepare_cpu_ms"] >= 0
+
+
 def _inexact(model):
     return [
         np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
@@ -240,6 +312,8 @@ def test_ema_is_the_recurrence_resumes_exactly_and_is_evaluated(tmp_path, monkey
         ("ema=-0.1", r"ema=-0.1 must be in"),
         ("label_smoothing=1.0", r"label_smoothing=1.0 must be in \[0, 1\)"),
         ("label_smoothing=-0.2", r"label_smoothing=-0.2 must be in"),
+        ("data.prefetch=-1", r"data.prefetch=-1 must be an int >= 0"),
+        ("data.prefetch=1.5", r"data.prefetch=1.5 must be an int >= 0"),
     ],
 )
 def test_bad_recipe_values_fail_at_once(tmp_path, override, match):

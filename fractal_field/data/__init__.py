@@ -44,6 +44,7 @@ from .paths import (
     default_cache_dir,
     resolve_data_dir,
 )
+from .prefetch import prefetch
 from .shards import ShardedDataset, load_sharded, process_shards, shard_indices
 from .tfds_source import load_tfds
 
@@ -75,6 +76,7 @@ __all__ = [
     "load_tfds",
     "normalize",
     "process_shards",
+    "prefetch",
     "read_idx",
     "resolve_data_dir",
     "shard_indices",
