@@ -884,7 +884,9 @@ def test_lost_process_stops_the_others_and_a_restart_resumes(tmp_path):
     env = dict(
         os.environ,
         JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),  # shared by the restarts
+        # Every program (the small ones too) compiled once and loaded by the restarts.
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
 
     started = []
