@@ -165,6 +165,20 @@ def check_processes_agree(
     )
 
 
+# XLA's status codes, which start the message of a failed computation or collective (gloo's
+# come as a `JaxRuntimeError` or, from some calls, a `ValueError`).
+_STATUS_CODES = tuple(
+    f"{code}:"
+    for code in ("UNKNOWN", "INTERNAL", "UNAVAILABLE", "ABORTED", "CANCELLED", "DEADLINE_EXCEEDED")
+)
+
+
+def _runtime_failure(exc: BaseException) -> bool:
+    if isinstance(exc, jax.errors.JaxRuntimeError):
+        return True
+    return isinstance(exc, ValueError) and str(exc).startswith(_STATUS_CODES)
+
+
 class ProcessWatch:
     """While the processes of a run train: exit at once, naming the lost process, when
     another process stops responding.
@@ -172,9 +186,11 @@ class ProcessWatch:
     A thread in each process writes a heartbeat to the coordinator's key-value store every
     `interval` seconds and reads everyone's. A process whose heartbeat has not changed for
     `timeout` seconds (default: `initialize_distributed`'s `heartbeat_timeout`), or a
-    coordinator that cannot be reached, is lost: this process writes one line to stderr
+    coordinator that cannot be reached, is lost. Every other process also holds a TCP
+    connection to process 0, whose closing tells at once that process 0 is gone (before JAX's
+    client, which aborts the process, in most cases). Then this process writes one line to stderr
     (which process, at which step, the last checkpoint, how to resume) and exits with status
-    `EXIT_PROCESS_LOST`, since its collectives can never complete. A `JaxRuntimeError` (a
+    `EXIT_PROCESS_LOST`, since its collectives can never complete. An XLA error (e.g. a
     collective that failed) leaving the `with` block first waits up to `timeout` seconds
     for that verdict. One process: no-op.
 
@@ -201,6 +217,8 @@ class ProcessWatch:
         self.interval = min(1.0, self.timeout / 5) if interval is None else float(interval)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._reporting = threading.Lock()
+        self._server: socket.socket | None = None
 
     def saved(self, step: int) -> None:
         """Record a checkpoint that resumes from `step` (process 0 writes it)."""
@@ -224,20 +242,33 @@ class ProcessWatch:
             return self
         ProcessWatch._runs += 1
         self._prefix = f"fractal_field/watch/{ProcessWatch._runs}/"
+        client = global_state.client
+        if jax.process_index() == 0:
+            self._server = socket.create_server(("", 0))
+            self._server.settimeout(self.interval)
+            self._held: list[socket.socket] = []
+            client.key_value_set(self._prefix + "lifeline", str(self._server.getsockname()[1]))
+            self._lifeline = threading.Thread(target=self._hold, daemon=True)
+        else:
+            host = global_state.coordinator_address.rpartition(":")[0].strip("[]")
+            self._lifeline = threading.Thread(target=self._follow, args=(client, host), daemon=True)
+        self._lifeline.start()
         self._thread = threading.Thread(
-            target=self._run, args=(global_state.client,), name="ProcessWatch", daemon=True
+            target=self._run, args=(client,), name="ProcessWatch", daemon=True
         )
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type, *_):
+    def __exit__(self, exc_type, exc, tb):
         if self._thread is None:
             return
-        if exc_type is not None and issubclass(exc_type, jax.errors.JaxRuntimeError):
+        if exc is not None and _runtime_failure(exc):
             # A failed collective: if a process was lost, the watch says so and exits.
             self._thread.join(self.timeout + 5 * self.interval + 5)
         self._stop.set()
         self._thread.join()
+        if self._server is not None:
+            self._close_lifeline()
         if exc_type is None:
             # Finished: the others no longer expect heartbeats from this process.
             from jax._src.distributed import global_state
@@ -249,7 +280,46 @@ class ProcessWatch:
             except jax.errors.JaxRuntimeError:
                 pass  # the coordinator has gone: nobody is left to tell
 
+    def _close_lifeline(self) -> None:
+        """Process 0, leaving the watch: a goodbye on each connection, so that its closing is
+        not taken for a loss."""
+        self._lifeline.join()
+        for conn in self._held:
+            try:
+                conn.sendall(b"b")
+            except OSError:
+                pass
+            conn.close()
+        self._server.close()
+
+    def _hold(self) -> None:
+        """Process 0: accept the other processes' connections and keep them open."""
+        while not self._stop.is_set():
+            try:
+                self._held.append(self._server.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def _follow(self, client, host: str) -> None:
+        """Another process: wait on a connection to process 0 until it closes."""
+        try:
+            port = int(client.blocking_key_value_get(self._prefix + "lifeline", 60_000))
+            conn = socket.create_connection((host, port), timeout=self.timeout)
+        except Exception:
+            return  # e.g. a firewall in between: the heartbeats still tell
+        with conn:
+            conn.settimeout(None)
+            try:
+                goodbye = conn.recv(1) == b"b"
+            except OSError:
+                goodbye = False
+        if not goodbye and not self._stop.is_set():
+            self._lost(0, "its connection closed")
+
     def _lost(self, process: int, why: str) -> None:
+        self._reporting.acquire()  # one message, from whichever thread notices first
         n = jax.process_count()
         who = f"process {process} of {n}" + (" (the coordinator)" if process == 0 else "")
         ckpt, step = self.workdir / "checkpoints" / "last.eqx", self.last_checkpoint()
