@@ -42,6 +42,7 @@ from ._config import load_config as load_config
 from ._contraction import ContractiveToroidalConv as ContractiveToroidalConv
 from ._conv import ToroidalConv as ToroidalConv
 from ._distributed import (
+    EXIT_PROCESS_LOST as EXIT_PROCESS_LOST,
     ConfigMismatchError as ConfigMismatchError,
     check_processes_agree as check_processes_agree,
     initialize_distributed as initialize_distributed,

@@ -38,7 +38,7 @@ from ._checkpoint import (
     save_checkpoint,
 )
 from ._complex_opt import complex_safe
-from ._distributed import check_processes_agree
+from ._distributed import ProcessWatch, check_processes_agree
 from ._equilibrium import EquilibriumPropagation
 from ._model import FieldClassifier, count_params, make_model, param_summary
 from ._solution import RESULTS
@@ -531,7 +531,8 @@ def train(
     seconds. Stops after `stop_after_steps` global steps if given, or at the next step
     boundary on SIGINT (Ctrl-C) or SIGTERM, after saving `last`. Returns a summary dict;
     its `stopped` is `None` for a finished run, else `"stop_after_steps"` or the signal's
-    name (`"SIGINT"`, `"SIGTERM"`).
+    name (`"SIGINT"`, `"SIGTERM"`). With several processes, the loss of one makes the others
+    exit at once, naming it (see `initialize_distributed`).
 
     `config.label_smoothing` in [0, 1) smooths the training targets (see `make_train_step`).
     `config.pretrain_steps > 0`: the first that many steps train the cell iterated
@@ -648,6 +649,8 @@ def train(
         for solve_kwargs in (None, pretrain_solve)
     )
     interrupt = _Interrupt()
+    # Several processes: a lost one stops the others at once, with a message naming it.
+    watch = ProcessWatch(workdir, state, resumed=state["step"] if last.exists() else None)
     last_save = time.monotonic()
 
     def save(path, **extra):
@@ -668,6 +671,8 @@ def train(
                 )
             finally:
                 interrupt.saving = False
+        if path == last:
+            watch.saved(state["step"])
         last_save = time.monotonic()
 
     log = open(workdir / "metrics.jsonl" if main else os.devnull, "a")  # noqa: SIM115
@@ -717,7 +722,7 @@ def train(
     bar = None
     feed = None
     try:
-        with interrupt:
+        with interrupt, watch:
             while state["epoch"] < config.epochs and stopped is None:
                 epoch = state["epoch"]
                 t_epoch = t_prev = time.time()

@@ -7,7 +7,9 @@ Resumes automatically from `WORKDIR/checkpoints/last.eqx`, saved every
 `checkpoint_every_steps` steps, every `checkpoint_every_secs` seconds, at the end of each
 epoch and when stopped. Ctrl-C (SIGINT) or SIGTERM stops at the next step boundary after
 saving it: exit code 130 after Ctrl-C, 0 after SIGTERM (the scheduler's or
-`scripts/sweep.py`'s time limit). The data comes from `--data-dir` (that directory only), or
+`scripts/sweep.py`'s time limit). With `--distributed`, when a process is lost the others
+stop within `--heartbeat-timeout` seconds, naming it (exit code 75); starting all processes
+again resumes. The data comes from `--data-dir` (that directory only), or
 from the places `fractal_field.data` searches ($FRACTAL_FIELD_DATA, ./data, ../shared/data),
 then tensorflow_datasets. Set `JAX_COMPILATION_CACHE_DIR` to let a restart reuse the compiled
 steps (`benchmarks/restart.py`). See docs/training.md.
@@ -44,14 +46,25 @@ def main(argv=None):
     parser.add_argument(
         "--init-timeout", type=float, default=300.0, help="seconds to wait for the coordinator"
     )
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=60.0,
+        help="seconds without a heartbeat after which a process counts as lost: the others "
+        f"then stop, naming it (exit code {ff.EXIT_PROCESS_LOST})",
+    )
     parser.add_argument("overrides", nargs="*", help="key.path=value config overrides")
     args = parser.parse_args(argv)
     if args.distributed:
         try:
             ff.initialize_distributed(
-                args.coordinator, args.num_processes, args.process_id, timeout=args.init_timeout
+                args.coordinator,
+                args.num_processes,
+                args.process_id,
+                timeout=args.init_timeout,
+                heartbeat_timeout=args.heartbeat_timeout,
             )
-        except (ConnectionError, ValueError) as e:
+        except (ConnectionError, TypeError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     config = ff.load_config(args.config, args.overrides)

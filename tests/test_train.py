@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -802,6 +803,43 @@ def test_initialize_distributed_bad_arguments(kwargs, match):
         ff.initialize_distributed(**kwargs, timeout=1)
 
 
+@pytest.mark.parametrize(
+    "value, error, match",
+    [
+        (0, ValueError, "heartbeat_timeout=0 must be > 0 seconds"),
+        (-5.0, ValueError, "heartbeat_timeout=-5.0 must be > 0 seconds"),
+        (float("inf"), ValueError, "heartbeat_timeout=inf must be > 0 seconds"),
+        ("60", TypeError, "heartbeat_timeout='60' must be a number of seconds"),
+    ],
+)
+def test_initialize_distributed_bad_heartbeat_timeout(value, error, match):
+    with pytest.raises(error, match=match):
+        ff.initialize_distributed(num_processes=2, process_id=1, heartbeat_timeout=value)
+
+
+@pytest.mark.parametrize(
+    "process, step, expected",
+    [
+        # Process 0 wrote them: its last save is on disk.
+        (0, 5, 4),
+        (0, 4, 4),
+        # Another process: a save is on disk once a later step has completed.
+        (1, 5, 4),
+        (1, 4, 2),
+        (1, 2, 0),
+    ],
+)
+def test_process_watch_names_a_checkpoint_known_to_be_on_disk(monkeypatch, process, step, expected):
+    from fractal_field._distributed import ProcessWatch
+
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    watch = ProcessWatch("w", {"step": step}, resumed=0, timeout=1.0)
+    for s in range(2, step + 1, 2):  # checkpoints every 2 steps
+        watch.saved(s)
+    assert watch.last_checkpoint() == expected
+    assert ProcessWatch("w", {"step": 1}).last_checkpoint() is None  # none yet
+
+
 def test_config_differences_names_every_differing_key():
     from fractal_field._distributed import config_differences
 
@@ -960,3 +998,133 @@ def test_sweep_trains_runs_side_by_side_and_summarises(tmp_path):
     model = ff.load_model(tmp_path / "sw" / "small")
     assert run["params"] == ff.count_params(model)
     assert "small (" in proc.stdout and (tmp_path / "sw" / "small.log").exists()
+
+
+# Run before `scripts/train.py` by one process of a run: SIGKILL right after global step
+# STEP returns (counted from the checkpoint the run resumes from).
+KILL_AT = """
+import json, os, signal
+from pathlib import Path
+import fractal_field._train as t
+meta = Path(WORKDIR) / "checkpoints" / "last.eqx.json"
+done = [json.loads(meta.read_text())["step"] if meta.exists() else 0]
+make = t.make_train_step
+def make_train_step(*args, **kwargs):
+    step = make(*args, **kwargs)
+    def killed(*a):
+        out = step(*a)
+        done[0] += 1
+        if done[0] == STEP: os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return killed
+t.make_train_step = make_train_step
+"""
+
+
+@pytest.mark.slow
+def test_lost_process_stops_the_others_and_a_restart_resumes(tmp_path):
+    """Two processes (`scripts/train.py --distributed`); one is SIGKILLed at a random step,
+    three times in a row, each process at least once. When process 1 is lost, process 0 exits
+    within the heartbeat timeout with a one-line error naming it and the checkpoint a restart
+    resumes from; when process 0 (the coordinator) is lost, JAX may abort process 1 before
+    that line is written (its own message then blames the leader). Starting both again
+    resumes, and the run ends with the parameters of an uninterrupted one."""
+    rng = np.random.default_rng(27)
+    kills = np.sort(rng.choice(np.arange(1, 8), 3, replace=False))  # global steps, of 8
+    victims = [*rng.permutation(2), int(rng.integers(2))]
+    timeout = 5
+    overrides = ["data.train_size=128", "checkpoint_every_steps=2"]  # 4 steps an epoch
+    env = dict(
+        os.environ,
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        # Every program (the small ones too) compiled once and loaded by the restarts.
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+
+    started = []
+
+    def launch(workdir, nproc=2, victim=None, step=None):
+        port = _free_port()
+        devices = _xla_flags(f"--xla_force_host_platform_device_count={4 // nproc}")
+        procs = []
+        for i in range(nproc):
+            argv = ["train.py", "--config", SMOKE, "--workdir", str(workdir), *overrides]
+            if nproc > 1:
+                argv += ["--distributed", "--coordinator", f"localhost:{port}",
+                         "--num-processes", str(nproc), "--process-id", str(i),
+                         "--heartbeat-timeout", str(timeout)]  # fmt: skip
+            code = "" if i != victim else KILL_AT.replace("WORKDIR", repr(str(workdir)))
+            code = code.replace("STEP", str(step))
+            code += f"\nimport runpy, sys\nsys.argv = {argv!r}\n"
+            code += "runpy.run_path('scripts/train.py', run_name='__main__')\n"
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code],
+                    cwd=ROOT,
+                    env=dict(env, XLA_FLAGS=devices),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        started.extend(procs)
+        return procs
+
+    def resumed_from(stdout) -> int:
+        found = re.findall(r"Resumed from .* at epoch \d+ step (\d+)\.", stdout)
+        return int(found[0]) if found else 0
+
+    try:
+        # The uninterrupted reference: one process of four devices (as in the multi-host test).
+        (full,) = launch(tmp_path / "full", nproc=1)
+        work = tmp_path / "run"
+        reported = None
+        for victim, step in zip(victims, kills, strict=True):
+            procs = launch(work, victim=victim, step=step)
+            killed, survivor = procs[victim], procs[1 - victim]
+            killed.communicate(timeout=300)
+            assert killed.returncode == -signal.SIGKILL
+            out, err = survivor.communicate(timeout=timeout + 60)  # never hangs
+            assert survivor.returncode != 0, err[-3000:]
+            # This run resumed from the checkpoint the last error named.
+            assert reported is None or resumed_from(out) == reported, out
+            lines = [line for line in err.splitlines() if line.startswith("error:")]
+            if victim == 1:
+                assert survivor.returncode == ff.EXIT_PROCESS_LOST, err[-3000:]
+            else:
+                # JAX's client aborts on the closed connection too: whichever comes first.
+                assert survivor.returncode in (ff.EXIT_PROCESS_LOST, -signal.SIGABRT), err[-3000:]
+                if not lines:
+                    assert "the leader task was preempted/died" in err, err[-3000:]
+                    reported = None
+                    continue
+            assert len(lines) == 1, err[-3000:]
+            who = "process 1 of 2" if victim == 1 else "process 0 of 2 (the coordinator)"
+            assert lines[0].startswith(f"error: {who} stopped responding at step {step} ("), lines
+            found = re.findall(r"the last checkpoint is step (\d+) \((.*)\); start all", lines[0])
+            if found:
+                reported = int(found[0][0])
+                assert found[0][1] == str(work / "checkpoints" / "last.eqx")
+                assert step - 2 <= reported <= step  # checkpoints every 2 steps
+            else:
+                assert "there is no checkpoint" in lines[0] and step < 2, lines
+                reported = 0
+        procs = launch(work)
+        outs = []
+        for p in [*procs, full]:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out)
+        assert reported is None or resumed_from(outs[0]) == resumed_from(outs[1]) == reported
+    finally:  # nothing left running after a failure
+        for p in started:
+            p.kill()
+    # Each step is logged once, and the run ends where an uninterrupted one does.
+    assert [r["step"] for r in _steps(work)] == list(range(8))
+    assert "done: epoch 2 step 8" in outs[0]
+    leaves = lambda m: jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_inexact_array))
+    ref = ff.load_model(tmp_path / "full" / "checkpoints" / "last.eqx")
+    got = ff.load_model(work / "checkpoints" / "last.eqx")
+    for a, b in zip(leaves(got), leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
