@@ -5,9 +5,9 @@ Three parts, each written to the results file as soon as it is done:
 - `train`: `configs/mnist_nano.py:short_implicit` (implicit adjoint, batch 64) trained once
   with `model.precision=float32` and once with `model.precision=bfloat16`, the same seed, data
   subset and budget (`--train-size`, `--epochs`), each with `scripts/train.py` under
-  `nice -n 10` and `--limit-s`; collects the test accuracy and mean forward solver steps on the
-  seeded test subset, the training logs' mean forward and backward solver steps, and the
-  median training step time.
+  `nice -n 10` and `--limit-s`, side by side; collects the test accuracy and mean forward
+  solver steps on the seeded test subset, the training logs' mean forward and backward solver
+  steps, and the median training step time.
 - `checkpoint`: the shipped `checkpoints/mnist_nano.eqx` (trained in float32) evaluated on a
   seeded random test subset as it is and with its field switched to bfloat16
   (`ff.with_precision`), without retraining: accuracy, agreement with float32, mean forward
@@ -100,28 +100,33 @@ def _train_summary(workdir: Path) -> dict:
 
 
 def part_train(args) -> dict:
+    # The two runs side by side, so that they share the machine's load alike.
+    procs = []
+    for precision in PRECISIONS if not args.collect_only else ():
+        workdir = ROOT / args.runs / precision
+        workdir.mkdir(parents=True, exist_ok=True)
+        cmd = ["timeout", "-s", "TERM", str(args.limit_s), "nice", "-n", "10", sys.executable]
+        log = open(workdir.with_suffix(".log"), "w")  # noqa: SIM115
+        procs.append(
+            subprocess.Popen(
+                cmd + _train_command(precision, args)[1:],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    for proc in procs:
+        proc.wait()
     runs = []
     for precision in PRECISIONS:
         cmd = _train_command(precision, args)
-        workdir = ROOT / args.runs / precision
-        if not args.collect_only:
-            workdir.mkdir(parents=True, exist_ok=True)
-            t = time.time()
-            with open(workdir.with_suffix(".log"), "w") as log:
-                subprocess.run(
-                    ["timeout", "-s", "TERM", str(args.limit_s), "nice", "-n", "10", sys.executable]
-                    + cmd[1:],
-                    cwd=ROOT,
-                    check=False,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            print(f"train {precision}: {time.time() - t:.0f} s", flush=True)
-        row = dict(precision=precision, command=" ".join(cmd), **_train_summary(workdir))
+        row = dict(precision=precision, command=" ".join(cmd))
+        row.update(_train_summary(ROOT / args.runs / precision))
         print(json.dumps(row), flush=True)
         runs.append(row)
     return dict(
-        run_commands=f"each run's `command`, under `timeout -s TERM {args.limit_s} nice -n 10`",
+        run_commands=f"each run's `command`, under `timeout -s TERM {args.limit_s} nice -n 10`; "
+        "the two runs side by side",
         runs=runs,
     )
 
@@ -304,10 +309,10 @@ def main(argv=None) -> None:
     p.add_argument("--parts", default="train,checkpoint,ops")
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--runs", default="runs/mixed_precision", help="training workdirs")
-    p.add_argument("--train-size", type=int, default=4800)
+    p.add_argument("--train-size", type=int, default=6400)
     p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--limit-s", type=int, default=1200)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--limit-s", type=int, default=1800)
     p.add_argument("--collect-only", action="store_true", help="read existing training workdirs")
     p.add_argument("--checkpoint", default="checkpoints/mnist_nano.eqx")
     p.add_argument("--eval-size", type=int, default=2000)
