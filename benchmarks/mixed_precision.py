@@ -2,12 +2,12 @@
 
 Three parts, each written to the results file as soon as it is done:
 
-- `train`: `configs/mnist_nano.py:short_implicit` (implicit adjoint, batch 64) trained once
-  with `model.precision=float32` and once with `model.precision=bfloat16`, the same seed, data
+- `train`: `configs/mnist_nano.py:short_implicit` (implicit adjoint, batch 64) trained with
+  `model.precision=float32` and with `model.precision=bfloat16` (`RUNS`), the same seed, data
   subset and budget (`--train-size`, `--epochs`), each with `scripts/train.py` under
-  `nice -n 10` and `--limit-s`, side by side; collects the test accuracy and mean forward
-  solver steps on the seeded test subset, the training logs' mean forward and backward solver
-  steps, and the median training step time.
+  `nice -n 10` and `--limit-s`, the `--train-runs` side by side; collects the test accuracy
+  and mean forward solver steps on the seeded test subset, the training logs' mean forward and
+  backward solver steps, and the median training step time.
 - `checkpoint`: the shipped `checkpoints/mnist_nano.eqx` (trained in float32) evaluated on a
   seeded random test subset as it is and with its field switched to bfloat16
   (`ff.with_precision`), without retraining: accuracy, agreement with float32, mean forward
@@ -16,7 +16,11 @@ Three parts, each written to the results file as soon as it is done:
   field, 28 channels) in each layout (direct, spectral, planar), forward and gradient through
   a 10-step loop, float32 against bfloat16 in alternating rounds; median ms per application.
 
-    python benchmarks/mixed_precision.py --data-dir ../shared/data [--parts train,checkpoint,ops]
+    python benchmarks/mixed_precision.py --data-dir ../shared/data --parts train \
+        --train-runs float32,bfloat16
+    python benchmarks/mixed_precision.py --data-dir ../shared/data --parts train \
+        --train-runs bfloat16_nothrow,bfloat16_adjoint_rtol1e-3
+    python benchmarks/mixed_precision.py --data-dir ../shared/data --parts checkpoint,ops
 
 Writes `benchmarks/results/mixed_precision.json`.
 """
@@ -56,26 +60,45 @@ PRECISIONS = ("float32", "bfloat16")
 # Training
 
 
-def _train_command(precision: str, args) -> list[str]:
+# (name, model.precision, further overrides). The implicit adjoint's defaults (rtol 1e-4, 100
+# steps, throw=True) stop a bfloat16 run when a backward solve ends above its tolerance;
+# `adjoint.throw=False` changes nothing in a run whose backward solves all converge (the float32
+# one) and lets the bfloat16 run go on with the unconverged gradient, counted in `bwd_failed`.
+RUNS = (
+    ("float32", "float32", ()),
+    ("bfloat16", "bfloat16", ()),
+    ("bfloat16_nothrow", "bfloat16", ("adjoint.throw=False",)),
+    ("bfloat16_adjoint_rtol1e-3", "bfloat16", ("adjoint.throw=False", "adjoint.rtol=0.001")),
+)
+# Runs that were trained side by side (the same load): their step times compare.
+PAIRS = (("float32", "bfloat16"), ("bfloat16_nothrow", "bfloat16_adjoint_rtol1e-3"))
+
+
+def _train_command(name: str, precision: str, overrides, args) -> list[str]:
     return [
         "python",
         "scripts/train.py",
         "--config",
         "configs/mnist_nano.py:short_implicit",
         "--workdir",
-        f"{args.runs}/{precision}",
+        f"{args.runs}/{name}",
         "--data-dir",
         args.data_dir,
         f"model.precision={precision}",
         f"data.train_size={args.train_size}",
         f"data.test_size={args.test_size}",
         f"epochs={args.epochs}",
+        *overrides,
     ]
 
 
+def _rows(workdir: Path, name: str) -> list[dict]:
+    path = workdir / name
+    return [json.loads(line) for line in open(path) if line.strip()] if path.exists() else []
+
+
 def _train_summary(workdir: Path) -> dict:
-    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl") if line.strip()]
-    evals = [json.loads(line) for line in open(workdir / "eval.jsonl") if line.strip()]
+    rows, evals = _rows(workdir, "metrics.jsonl"), _rows(workdir, "eval.jsonl")
     out = dict(
         train_steps=len(rows),
         train_fwd_steps=statistics.fmean(r["fwd_steps"] for r in rows),
@@ -84,8 +107,12 @@ def _train_summary(workdir: Path) -> dict:
         train_bwd_failed=statistics.fmean(r["bwd_failed"] for r in rows),
         # The first step includes compilation.
         median_step_time_s=statistics.median(r["step_time"] for r in rows[1:]),
-        last_train_loss=statistics.fmean(r["loss"] for r in rows[-10:]),
+        last10_train_loss=statistics.fmean(r["loss"] for r in rows[-10:]),
     )
+    log = workdir.with_suffix(".log")
+    errors = [ln for ln in log.read_text().splitlines() if "Error:" in ln] if log.exists() else []
+    if errors:
+        out["error"] = errors[-1]
     if evals:
         e = evals[-1]
         out.update(
@@ -94,22 +121,24 @@ def _train_summary(workdir: Path) -> dict:
             test_mean_steps=e["mean_steps"],
             test_mean_residual=e["mean_residual"],
             test_failed=e["failed"],
-            per_epoch_test_accuracy=[x["accuracy"] for x in evals],
         )
     return out
 
 
 def part_train(args) -> dict:
-    # The two runs side by side, so that they share the machine's load alike.
+    # The selected runs side by side, so that they share the machine's load alike.
+    todo = [] if args.collect_only else args.train_runs.split(",")
     procs = []
-    for precision in PRECISIONS if not args.collect_only else ():
-        workdir = ROOT / args.runs / precision
+    for name, precision, overrides in RUNS:
+        if name not in todo:
+            continue
+        workdir = ROOT / args.runs / name
         workdir.mkdir(parents=True, exist_ok=True)
         cmd = ["timeout", "-s", "TERM", str(args.limit_s), "nice", "-n", "10", sys.executable]
         log = open(workdir.with_suffix(".log"), "w")  # noqa: SIM115
         procs.append(
             subprocess.Popen(
-                cmd + _train_command(precision, args)[1:],
+                cmd + _train_command(name, precision, overrides, args)[1:],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -118,16 +147,30 @@ def part_train(args) -> dict:
     for proc in procs:
         proc.wait()
     runs = []
-    for precision in PRECISIONS:
-        cmd = _train_command(precision, args)
-        row = dict(precision=precision, command=" ".join(cmd))
-        row.update(_train_summary(ROOT / args.runs / precision))
+    for name, precision, overrides in RUNS:
+        workdir = ROOT / args.runs / name
+        if not (workdir / "metrics.jsonl").exists():
+            continue
+        cmd = _train_command(name, precision, overrides, args)
+        row = dict(name=name, precision=precision, command=" ".join(cmd))
+        row.update(_train_summary(workdir))
         print(json.dumps(row), flush=True)
         runs.append(row)
+    pairs = []
+    for a, b in PAIRS:
+        ra, rb = (_rows(ROOT / args.runs / n, "metrics.jsonl") for n in (a, b))
+        n = min(len(ra), len(rb))
+        if n < 2:
+            continue
+        ta, tb = (statistics.median(r["step_time"] for r in rows[1:n]) for rows in (ra, rb))
+        pairs.append(
+            {"runs": [a, b], "steps": n, f"{a}_median_step_s": ta, f"{b}_median_step_s": tb}
+        )
     return dict(
         run_commands=f"each run's `command`, under `timeout -s TERM {args.limit_s} nice -n 10`; "
-        "the two runs side by side",
+        "the runs of each pair in `side_by_side` trained at the same time",
         runs=runs,
+        side_by_side=pairs,
     )
 
 
@@ -201,7 +244,8 @@ def part_checkpoint(args) -> dict:
         rows=rows,
         residual_floor=dict(
             what=f"the first {args.floor_batch} images solved with rtol=1e-7, atol=0, "
-            f"max_steps={args.floor_steps} (no solve stops early): the relative residual left",
+            f"max_steps={args.floor_steps}: the relative residual where the solves ended (at "
+            "the tolerance, or at max_steps if the rounding keeps them above it)",
             **floor,
         ),
     )
@@ -304,6 +348,16 @@ def _with_impl(cell, layout: str):
 # ---------------------------------------------------------------------------------------------
 
 
+def cpu_bfloat16_flags() -> list[str]:
+    """The CPU's bfloat16 instruction-set flags (Linux), on which XLA:CPU's bfloat16 speed
+    depends."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return []
+    return sorted({f for f in flags if "bf16" in f})
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", default="train,checkpoint,ops")
@@ -314,6 +368,11 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--limit-s", type=int, default=1800)
     p.add_argument("--collect-only", action="store_true", help="read existing training workdirs")
+    p.add_argument(
+        "--train-runs",
+        default=",".join(name for name, _, _ in RUNS),
+        help="names of the RUNS to train (side by side); the others' workdirs are read",
+    )
     p.add_argument("--checkpoint", default="checkpoints/mnist_nano.eqx")
     p.add_argument("--eval-size", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=500)
@@ -329,22 +388,27 @@ def main(argv=None) -> None:
     if unknown:
         raise ValueError(f"Unknown parts {sorted(unknown)}: use train, checkpoint, ops.")
     os.chdir(ROOT)
-    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    results = {k: previous[k] for k in ("train", "checkpoint", "ops") if k in previous}
+    command = " ".join(["python", "benchmarks/mixed_precision.py", *(argv or sys.argv[1:])])
     for part in parts:
         t = time.time()
-        results[part] = dict(
+        result = dict(
             {"train": part_train, "checkpoint": part_checkpoint, "ops": part_ops}[part](args),
             date=datetime.date.today().isoformat(),
+            command=command,
+            hardware=args.hardware,
             seconds=round(time.time() - t),
         )
+        # The parts run separately: keep the others' results already in the file.
+        out = Path(args.out)
+        previous = json.loads(out.read_text()) if out.exists() else {}
+        results = {k: previous[k] for k in ("train", "checkpoint", "ops") if k in previous}
+        results[part] = result
         write_results(
-            args.out,
-            command=" ".join(["python", "benchmarks/mixed_precision.py", *(argv or sys.argv[1:])]),
-            hardware=args.hardware,
+            out,
             numpy=np.__version__,
             python=sys.version.split()[0],
             fractal_field=ff.__version__,
+            cpu_bfloat16_flags=cpu_bfloat16_flags(),
             **results,
         )
 

@@ -74,7 +74,8 @@ _mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
 def dot_general(a: Array, b: Array, dims, *, precision: Precision, accumulate) -> Array:
-    """`lax.dot_general(a, b, dims)` with the operands and accumulation of `einsum`."""
+    """`lax.dot_general(a, b, dims)` with the operands and accumulation of `einsum`, for use
+    inside explicit VJPs (differentiated, its transpose is JAX's own)."""
     if precision == "float32":
         return lax.dot_general(a.astype(accumulate), b.astype(accumulate), dims)
     c = operand_dtype(precision, accumulate)
