@@ -70,8 +70,10 @@ RUNS = (
     ("bfloat16_nothrow", "bfloat16", ("adjoint.throw=False",)),
     ("bfloat16_adjoint_rtol1e-3", "bfloat16", ("adjoint.throw=False", "adjoint.rtol=0.001")),
 )
-# Runs that were trained side by side (the same load): their step times compare.
-PAIRS = (("float32", "bfloat16"), ("bfloat16_nothrow", "bfloat16_adjoint_rtol1e-3"))
+# Runs trained side by side (the same load) whose step times compare, over the steps both ran.
+# (The other two were also started together, but one of them was stopped by its time limit
+# and resumed alone.)
+PAIRS = (("float32", "bfloat16"),)
 
 
 def _train_command(name: str, precision: str, overrides, args) -> list[str]:
