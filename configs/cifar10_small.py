@@ -24,7 +24,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # features) with a 32-map ReLU stem in the encoder (142,410 real parameters), the batch
     # solved as one problem in the planar layout. The 71.1% H100 run in docs/results.md predates the
     # stem and the planar solve: `model.stem=0 model.batch_solve=per_sample model.channels=80`.
-    c.model = dict(preset="cifar_small", stem=32, batch_solve="planar", max_steps=30, rtol=1e-3)
+    # `model.precision=bfloat16`: mixed precision (docs/training.md, "Mixed precision").
+    c.model = dict(
+        preset="cifar_small",
+        stem=32,
+        batch_solve="planar",
+        max_steps=30,
+        rtol=1e-3,
+        precision="float32",
+    )
     c.solver = dict(name="anderson", history=5)
     c.adjoint = dict(name="implicit", max_steps=30, rtol=1e-3, throw=False)
     c.batch_size = 128

@@ -22,7 +22,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         # process then loads only its own (`ff.data.ShardedDataset`).
         shards=0,
     )
-    c.model = dict(preset="nano", max_steps=25, rtol=1e-3)
+    # `precision="bfloat16"`: mixed precision (the field's convolution on bfloat16 operands with
+    # float32 accumulation; docs/training.md, "Mixed precision").
+    c.model = dict(preset="nano", max_steps=25, rtol=1e-3, precision="float32")
     c.solver = dict(name="anderson", history=5)
     # Jacobian-free backprop: the cheap gradient mode, what fits an hour on a 2-core CPU.
     # `adjoint.name=implicit` trains with exact implicit gradients (about 2.5x slower per step).

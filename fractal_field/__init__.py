@@ -40,7 +40,7 @@ from ._complex_opt import (
 )
 from ._config import load_config as load_config
 from ._contraction import ContractiveToroidalConv as ContractiveToroidalConv
-from ._conv import ToroidalConv as ToroidalConv
+from ._conv import ToroidalConv as ToroidalConv, with_precision as with_precision
 from ._distributed import (
     EXIT_PROCESS_LOST as EXIT_PROCESS_LOST,
     ConfigMismatchError as ConfigMismatchError,

@@ -16,6 +16,7 @@ from ._conv import (
     operator_norm_power,
 )
 from ._planar import PlanarSpectralOperator
+from ._precision import Precision
 
 
 def spectrum_norm(
@@ -85,11 +86,19 @@ class ContractiveToroidalConv(eqx.Module):
         norm_method: Literal["auto", "svd", "power"] = "auto",
         power_iters: int = 50,
         dtype=jnp.complex64,
+        precision: Precision = "float32",
         key: PRNGKeyArray,
     ):
         check_norm_args(gamma, norm_grid, norm_method)
         self.conv = ToroidalConv(
-            in_channels, out_channels, kernel_size, dilations, impl=impl, dtype=dtype, key=key
+            in_channels,
+            out_channels,
+            kernel_size,
+            dilations,
+            impl=impl,
+            dtype=dtype,
+            precision=precision,
+            key=key,
         )
         self.gamma = float(gamma)
         self.norm_grid = (int(norm_grid[0]), int(norm_grid[1]))

@@ -8,6 +8,10 @@ boundaries. For a weight `W` of shape `(d, cout, cin, k, k)`, dilations `(r_1, .
 
 Complex arithmetic is used throughout (no conjugation). Real floating inputs are promoted to the
 weight's complex dtype (real fields are complex fields with zero imaginary part).
+
+`precision="bfloat16"` (mixed precision) rounds the operands of the convolution's real matrix
+products to bfloat16 and accumulates them in float32; inputs, outputs and weights keep their
+dtypes (see `ff.with_precision`).
 """
 
 import math
@@ -21,6 +25,7 @@ from jax import lax
 from jaxtyping import Array, Complex, Float, PRNGKeyArray
 
 from ._planar import PlanarSpectralOperator
+from ._precision import Precision, check_precision, einsum
 from ._tapconv import block_matrix, toroidal_correlate
 
 Impl = Literal["direct", "spectral", "auto"]
@@ -104,13 +109,15 @@ class DirectOperator(ToroidalOperator):
     kernel: Complex[Array, "d k k cin cout"]
     dilations: tuple[int, ...] = eqx.field(static=True)
     shape: tuple[int, int] = eqx.field(static=True)
+    precision: Precision = eqx.field(static=True, default="float32")
 
     def __call__(self, z: Complex[Array, "cin h w"]) -> Complex[Array, "cout h w"]:
         cin = self.kernel.shape[3]
         z = _as_complex(z, self.kernel.dtype, cin, "DirectOperator")
         if z.shape[1:] != self.shape:
             raise ValueError(f"operator built for grid {self.shape}, got {z.shape[1:]}.")
-        y = toroidal_correlate(jnp.transpose(z, (1, 2, 0))[None], self.kernel, self.dilations)
+        zt = jnp.transpose(z, (1, 2, 0))[None]
+        y = toroidal_correlate(zt, self.kernel, self.dilations, precision=self.precision)
         return jnp.transpose(y[0], (2, 0, 1))
 
 
@@ -120,17 +127,22 @@ class SpectralOperator(ToroidalOperator):
     The mixing is a real product on the `[re | im]` planes with the block matrices
     `[[Re S, Im S], [-Im S, Re S]]` (one per frequency): XLA:CPU's complex matrix products are
     several times slower than real ones, and this form was ~15% faster per application at the
-    MNIST Nano and CIFAR sizes (batch 128, 2-core CPU).
+    MNIST Nano and CIFAR sizes (batch 128, 2-core CPU). With `precision="bfloat16"` the mixing
+    runs on bfloat16 operands (the FFTs stay complex64: XLA has no bfloat16 FFT).
     """
 
     block: Float[Array, "hw 2cin 2cout"]
     shape: tuple[int, int] = eqx.field(static=True)
+    precision: Precision = eqx.field(static=True, default="float32")
 
     @staticmethod
-    def from_spectrum(s: Complex[Array, "cout cin h w"]) -> "SpectralOperator":
+    def from_spectrum(
+        s: Complex[Array, "cout cin h w"], *, precision: Precision = "float32"
+    ) -> "SpectralOperator":
+        precision = check_precision(precision, "SpectralOperator")
         cout, cin, h, w = s.shape
         st = jnp.transpose(s.reshape(cout, cin, h * w), (2, 1, 0))  # (hw, cin, cout)
-        return SpectralOperator(block_matrix(st), (h, w))
+        return SpectralOperator(block_matrix(st), (h, w), precision)
 
     def __call__(self, z: Complex[Array, "cin h w"]) -> Complex[Array, "cout h w"]:
         _, cin2, cout2 = self.block.shape
@@ -142,7 +154,8 @@ class SpectralOperator(ToroidalOperator):
         h, w = self.shape
         zf = jnp.fft.fft2(z).reshape(cin, h * w)
         planes = jnp.concatenate([jnp.real(zf), jnp.imag(zf)], axis=0)
-        yf = jnp.einsum("fio,if->of", self.block, planes)
+        acc = self.block.dtype
+        yf = einsum("fio,if->of", self.block, planes, precision=self.precision, accumulate=acc)
         yf = lax.complex(yf[:cout], yf[cout:])
         return jnp.fft.ifft2(yf.reshape(cout, h, w))
 
@@ -183,6 +196,11 @@ class ToroidalConv(eqx.Module):
     `fan = channels * k^2 * len(dilations)`. For `cin == cout` this makes the map
     variance-preserving on average, a sensible start for a fixed-point iteration (He scale,
     `2 / fan_in`, would double the variance, compensating a ReLU that a DEQ does not want).
+
+    `precision="bfloat16"`: mixed precision. The operands of the convolution's real matrix
+    products (the field's real and imaginary planes, or their spectra, and the weights) are
+    rounded to bfloat16 and the products accumulate in float32; the weight, the input and the
+    output keep their dtypes. `"float32"` (default): products in the weight's dtype.
     """
 
     weight: Complex[Array, "d cout cin k k"]
@@ -191,6 +209,7 @@ class ToroidalConv(eqx.Module):
     kernel_size: int = eqx.field(static=True)
     dilations: tuple[int, ...] = eqx.field(static=True)
     impl: Impl = eqx.field(static=True)
+    precision: Precision = eqx.field(static=True)
 
     def __init__(
         self,
@@ -201,6 +220,7 @@ class ToroidalConv(eqx.Module):
         *,
         impl: Impl = "auto",
         dtype=jnp.complex64,
+        precision: Precision = "float32",
         key: PRNGKeyArray,
     ):
         _check_odd(kernel_size)
@@ -213,6 +233,7 @@ class ToroidalConv(eqx.Module):
             raise ValueError(f"`impl` must be 'direct', 'spectral' or 'auto', got {impl!r}.")
         if not jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(f"`dtype` must be complex, got {dtype}.")
+        self.precision = check_precision(precision, "ToroidalConv")
         fan = kernel_size**2 * len(dilations)
         sigma = 1 / math.sqrt(fan * (in_channels + out_channels))
         shape = (len(dilations), out_channels, in_channels, kernel_size, kernel_size)
@@ -240,15 +261,15 @@ class ToroidalConv(eqx.Module):
             impl = auto_impl(max(self.in_channels, self.out_channels), h, w, self.taps)
         if impl == "direct":
             kernel = jnp.transpose(self.weight, (0, 3, 4, 2, 1))
-            return DirectOperator(kernel, self.dilations, (h, w))
+            return DirectOperator(kernel, self.dilations, (h, w), self.precision)
         elif impl == "spectral":
-            return SpectralOperator.from_spectrum(self.spectrum(h, w))
+            return SpectralOperator.from_spectrum(self.spectrum(h, w), precision=self.precision)
         raise ValueError(f"`impl` must be 'direct', 'spectral' or 'auto', got {impl!r}.")
 
     def planar_operator(self, h: int, w: int) -> PlanarSpectralOperator:
         """The convolution on the `h x w` torus for batched planar fields `(2, h, w, c, b)`
         (`ff.to_planar`): spectral, every stage a real matrix product."""
-        return PlanarSpectralOperator.from_spectrum(self.spectrum(h, w))
+        return PlanarSpectralOperator.from_spectrum(self.spectrum(h, w), precision=self.precision)
 
     def __call__(
         self, z: Complex[Array, "cin h w"], *, impl: Impl | None = None
@@ -297,3 +318,31 @@ def operator_norm_power(s: Complex[Array, "cout cin h w"], *, iters: int = 30) -
 
     v = lax.stop_gradient(lax.fori_loop(0, iters, body, v))
     return jnp.max(jnp.linalg.norm(jnp.einsum("foi,fi->fo", m, v), axis=-1))
+
+
+def with_precision(tree, precision: Precision):
+    """`tree` (a model, cell or layer) with every `ff.ToroidalConv` in it computing at
+    `precision` (`"float32"` or `"bfloat16"`, see `ToroidalConv`); the weights are the same
+    arrays. E.g. a float32-trained checkpoint evaluated with a bfloat16 field."""
+    precision = check_precision(precision, "with_precision")
+
+    def is_conv(x) -> bool:
+        return isinstance(x, ToroidalConv)
+
+    def set_precision(x):
+        if not is_conv(x) or x.precision == precision:
+            return x
+        # A static field: rebuild the layer (shapes only, nothing computed), put the weight back.
+        conv = eqx.filter_eval_shape(
+            ToroidalConv,
+            x.in_channels,
+            x.out_channels,
+            x.kernel_size,
+            x.dilations,
+            impl=x.impl,
+            precision=precision,
+            key=jax.random.key(0),
+        )
+        return eqx.tree_at(lambda c: c.weight, conv, x.weight)
+
+    return jax.tree_util.tree_map(set_precision, tree, is_leaf=is_conv)

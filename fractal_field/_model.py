@@ -17,10 +17,12 @@ from jaxtyping import Array, Complex, Float, PRNGKeyArray
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._cell import FractalCell
+from ._conv import with_precision
 from ._fixed_point import fixed_point
 from ._jacobian import jacobian_penalty
 from ._multiscale import MultiScaleCell
 from ._planar import from_planar, to_planar
+from ._precision import check_precision
 from ._solution import Solution
 from ._solver import AbstractFixedPointSolver, Anderson
 from ._symmetric import SymmetricCell
@@ -285,6 +287,11 @@ class FieldClassifier(eqx.Module):
     `symmetric=True` makes the cell an `ff.SymmetricCell` (a Hermitian coupling; activation
     `"modrelu"`, `"phase_tanh"` or `"crelu"`): its fixed point minimises an energy, which
     `ff.EquilibriumPropagation` needs. Single field, per-sample solves only.
+
+    `precision="bfloat16"` is mixed precision for the field: the cell's toroidal convolutions
+    run their matrix products on bfloat16 operands with float32 accumulation
+    (`ff.ToroidalConv(precision=...)`, set by `ff.with_precision`), while the field, the
+    solver's state, the encoder, the readout and all parameters stay float32/complex64.
     """
 
     encoder: Encoder
@@ -332,8 +339,10 @@ class FieldClassifier(eqx.Module):
         atol: float = 1e-6,
         batch_solve: str = "per_sample",
         symmetric: bool = False,
+        precision: str = "float32",
         key: PRNGKeyArray,
     ):
+        precision = check_precision(precision, "FieldClassifier")
         if batch_solve not in ("per_sample", "planar"):
             raise ValueError(
                 f"FieldClassifier(batch_solve={batch_solve!r}) must be 'per_sample' or 'planar'."
@@ -423,6 +432,7 @@ class FieldClassifier(eqx.Module):
             )
         else:
             self.cell = MultiScaleCell(chans, coupling=coupling, **cell_kwargs)
+        self.cell = with_precision(self.cell, precision)
         self.readout = Readout(
             chans if len(chans) > 1 else chans[0],
             num_classes,

@@ -33,6 +33,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Complex, Float
 
+from ._precision import Precision, check_precision, dot_general, operand_dtype
 from ._tapconv import block_matrix
 
 
@@ -77,24 +78,30 @@ def _dft_mats(n: int) -> tuple[np.ndarray, np.ndarray]:
     return _real_block(f, rows_first=True), _real_block(g, rows_first=False)
 
 
-def _bmm(a: Array, x: Array) -> Array:
-    """`(g, m, k) @ (g, k, n)` as a batched product."""
-    return lax.dot_general(a, x, (((2,), (1,)), ((0,), (0,))))
+_MM = (((1,), (0,)), ((), ()))  # (m, k) @ (k, n)
+_BMM = (((2,), (1,)), ((0,), (0,)))  # (g, m, k) @ (g, k, n)
 
 
-def _pipeline(mats, block: Array, p: Array) -> tuple[Array, Array]:
-    """`p (2, h, w, cin, b)` -> `(y (2, h, w, cout, b), mixing input (hw, 2 cin, b))`."""
+def _pipeline(mats, block: Array, p: Array, precision: Precision) -> tuple[Array, Array]:
+    """`p (2, h, w, cin, b)` -> `(y (2, h, w, cout, b), mixing input (hw, 2 cin, b))`, the
+    latter rounded to the products' operand dtype."""
     fh, fw, iw, ih = mats
     _, h, w, cin, b = p.shape
+    acc = p.dtype
+
+    def mm(a, x, dims):
+        return dot_general(a, x, dims, precision=precision, accumulate=acc)
+
     # Keeps XLA from constant-folding the products when `p` is a constant (e.g. the zero
     # start of a fixed-point solve): seconds of compile time for nothing.
     p = lax.optimization_barrier(p)
     cout = block.shape[1] // 2
-    y = (fh @ p.reshape(2 * h, w * cin * b)).reshape(h, 2 * w, cin * b)  # rows (u, r)
-    x = _bmm(fw, y).reshape(h * w, 2 * cin, b)  # rows (v, r): per frequency (r, cin, b)
-    y = _bmm(block, x).reshape(h, 2 * w, cout * b)  # per frequency (r, cout, b)
-    y = _bmm(iw, y).reshape(2 * h, w * cout * b)  # rows (r, x), grouped per u as (u, r)
-    return (ih @ y).reshape(2, h, w, cout, b), x
+    y = mm(fh, p.reshape(2 * h, w * cin * b), _MM).reshape(h, 2 * w, cin * b)  # rows (u, r)
+    x = mm(fw, y, _BMM).reshape(h * w, 2 * cin, b)  # rows (v, r): per frequency (r, cin, b)
+    x = x.astype(operand_dtype(precision, acc))
+    y = mm(block, x, _BMM).reshape(h, 2 * w, cout * b)  # per frequency (r, cout, b)
+    y = mm(iw, y, _BMM).reshape(2 * h, w * cout * b)  # rows (r, x), grouped per u as (u, r)
+    return mm(ih, y, _MM).reshape(2, h, w, cout, b), x
 
 
 def _mats(h: int, w: int, dtype, transpose: bool):
@@ -107,27 +114,29 @@ def _mats(h: int, w: int, dtype, transpose: bool):
     return tuple(jnp.asarray(m, dtype) for m in (fh, fw, iw, ih))
 
 
-@jax.custom_vjp
-def _apply(block: Array, block_t: Array, p: Array) -> Array:
-    _, h, w, _, _ = p.shape
-    return _pipeline(_mats(h, w, p.dtype, False), block, p)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _apply(block: Array, block_t: Array, p: Array, precision: Precision) -> Array:
+    return _apply_fwd(block, block_t, p, precision)[0]
 
 
-def _apply_fwd(block, block_t, p):
+def _apply_fwd(block, block_t, p, precision):
     _, h, w, _, _ = p.shape
-    y, x = _pipeline(_mats(h, w, p.dtype, False), block, p)
+    mats = _mats(h, w, operand_dtype(precision, p.dtype), False)
+    y, x = _pipeline(mats, block, p, precision)
     return y, (block_t, x)
 
 
-def _apply_bwd(res, ct):
+def _apply_bwd(precision, res, ct):
     # The transpose is the same pipeline with the transposed stages in reverse order (all
     # products stay in the forward's layout); its mixing input, paired with the forward's,
     # gives the block's cotangent (one product per frequency).
     block_t, x = res
     _, h, w, _, _ = ct.shape
-    ct_p, g = _pipeline(_mats(h, w, ct.dtype, True), block_t, ct)
-    ct_block = lax.dot_general(g, x, (((2,), (2,)), ((0,), (0,))))
-    return ct_block, jnp.zeros_like(block_t), ct_p
+    mats = _mats(h, w, operand_dtype(precision, ct.dtype), True)
+    ct_p, g = _pipeline(mats, block_t, ct, precision)
+    dims = (((2,), (2,)), ((0,), (0,)))
+    ct_block = dot_general(g, x, dims, precision=precision, accumulate=ct.dtype)
+    return ct_block.astype(block_t.dtype), jnp.zeros_like(block_t), ct_p
 
 
 _apply.defvjp(_apply_fwd, _apply_bwd)
@@ -139,19 +148,25 @@ class PlanarSpectralOperator(eqx.Module):
     Built by `ToroidalConv.planar_operator(h, w)` (or `from_spectrum`) once per solve, applied
     in the loop. Real and imaginary parts are carried as planes and every stage is a real
     matrix product; the VJP is written out and uses the transposed mixing matrices stored
-    here, so the backward solve costs the same as the forward.
+    here, so the backward solve costs the same as the forward. With `precision="bfloat16"`
+    every product (DFTs and mixing, forward and backward) takes bfloat16 operands and
+    accumulates in the field's dtype.
     """
 
     block: Float[Array, "hw 2cout 2cin"]  # rows (r', o), columns (r, i)
     block_t: Float[Array, "hw 2cin 2cout"]
     shape: tuple[int, int] = eqx.field(static=True)
+    precision: Precision = eqx.field(static=True, default="float32")
 
     @staticmethod
-    def from_spectrum(s: Complex[Array, "cout cin h w"]) -> PlanarSpectralOperator:
+    def from_spectrum(
+        s: Complex[Array, "cout cin h w"], *, precision: Precision = "float32"
+    ) -> PlanarSpectralOperator:
+        precision = check_precision(precision, "PlanarSpectralOperator")
         cout, cin, h, w = s.shape
         st = jnp.transpose(s.reshape(cout, cin, h * w), (2, 1, 0))  # (hw, cin, cout)
         block_t = block_matrix(st)  # rows (r, i), columns (r', o)
-        return PlanarSpectralOperator(jnp.swapaxes(block_t, 1, 2), block_t, (h, w))
+        return PlanarSpectralOperator(jnp.swapaxes(block_t, 1, 2), block_t, (h, w), precision)
 
     @property
     def in_channels(self) -> int:
@@ -176,4 +191,4 @@ class PlanarSpectralOperator(eqx.Module):
             raise TypeError(f"planar fields are real, got dtype {p.dtype}.")
         dtype = jnp.result_type(p.dtype, self.block.dtype)
         block, block_t = self.block.astype(dtype), self.block_t.astype(dtype)
-        return _apply(block, block_t, p.astype(dtype))
+        return _apply(block, block_t, p.astype(dtype), self.precision)

@@ -11,7 +11,8 @@ for the gradient through the loop), but at 16 channels XLA's convolution is fast
 2.2 ms forward, equal gradient). Complex fields are carried as real `[re | im]` channel planes
 with a real block kernel, because XLA:CPU's complex products are slow. The VJP is written
 out: the transpose is the same correlation with the flipped, channel-swapped kernel, and the
-kernel gradient is one channel contraction per tap.
+kernel gradient is one channel contraction per tap. With `precision="bfloat16"` every product
+(forward and transpose) takes bfloat16 operands and accumulates in the operands' own dtype.
 """
 
 import functools
@@ -19,6 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Inexact
+
+from ._precision import Precision, check_precision, einsum, operand_dtype
 
 
 def _check(x: Array, kernel: Array, dilations: tuple[int, ...]) -> None:
@@ -47,7 +50,9 @@ def _rows(x: Array, k: int, r: int) -> Array:
     return jnp.concatenate([jnp.roll(x, -dy, axis=1) for dy in _offsets(k, r)], axis=-1)
 
 
-def _real_correlate(kernel: Array, x: Array, dilations: tuple[int, ...]) -> Array:
+def _real_correlate(
+    kernel: Array, x: Array, dilations: tuple[int, ...], precision: Precision, acc
+) -> Array:
     # Per scale: stack the k row shifts of x along channels, one (n h w, k cin) @ (k cin, k cout)
     # product for all k*k taps, then add the k column-shifted output blocks.
     _, k, _, cin, cout = kernel.shape
@@ -56,20 +61,24 @@ def _real_correlate(kernel: Array, x: Array, dilations: tuple[int, ...]) -> Arra
     for j, r in enumerate(dilations):
         # rows (a, i), columns (b, o)
         kmat = jnp.transpose(kernel[j], (0, 2, 1, 3)).reshape(k * cin, k * cout)
-        y = jnp.einsum("nhwi,io->nhwo", _rows(x, k, r), kmat).reshape(n, h, w, k, cout)
+        y = einsum("nhwi,io->nhwo", _rows(x, k, r), kmat, precision=precision, accumulate=acc)
+        y = y.reshape(n, h, w, k, cout)
         for b, dx in enumerate(_offsets(k, r)):
             yb = jnp.roll(y[..., b, :], -dx, axis=2)
             out = yb if out is None else out + yb
     return out
 
 
-def _real_kernel_grad(x: Array, ct: Array, k: int, dilations: tuple[int, ...]) -> Array:
+def _real_kernel_grad(
+    x: Array, ct: Array, k: int, dilations: tuple[int, ...], precision: Precision, acc
+) -> Array:
     # dK[j, a, b, i, o] = sum_{n,p,q} x[n, p + dy_a, q + dx_b, i] ct[n, p, q, o]
     cin, cout = x.shape[-1], ct.shape[-1]
     grads = []
     for r in dilations:
         cols = jnp.concatenate([jnp.roll(ct, dx, axis=2) for dx in _offsets(k, r)], axis=-1)
-        g = jnp.einsum("nhwi,nhwo->io", _rows(x, k, r), cols).reshape(k, cin, k, cout)
+        g = einsum("nhwi,nhwo->io", _rows(x, k, r), cols, precision=precision, accumulate=acc)
+        g = g.reshape(k, cin, k, cout)
         grads.append(jnp.transpose(g, (0, 2, 1, 3)))
     return jnp.stack(grads)
 
@@ -80,19 +89,26 @@ def _transpose_kernel(kernel: Array) -> Array:
     return jnp.swapaxes(jnp.flip(kernel, axis=(1, 2)), 3, 4)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _correlate(kernel, x, dilations):
-    return _real_correlate(kernel, x, dilations)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _correlate(kernel, x, dilations, precision):
+    return _correlate_fwd(kernel, x, dilations, precision)[0]
 
 
-def _correlate_fwd(kernel, x, dilations):
-    return _real_correlate(kernel, x, dilations), (kernel, x)
+def _correlate_fwd(kernel, x, dilations, precision):
+    # The operands are rounded once (the row shifts then move half the bytes in bfloat16) and
+    # kept rounded for the backward pass.
+    acc = x.dtype
+    c = operand_dtype(precision, acc)
+    kernel, x = kernel.astype(c), x.astype(c)
+    return _real_correlate(kernel, x, dilations, precision, acc), (kernel, x)
 
 
-def _correlate_bwd(dilations, res, ct):
+def _correlate_bwd(dilations, precision, res, ct):
     kernel, x = res
-    ct_x = _real_correlate(_transpose_kernel(kernel), ct, dilations)
-    return _real_kernel_grad(x, ct, kernel.shape[1], dilations), ct_x
+    acc = ct.dtype  # the forward's output dtype
+    ct = ct.astype(operand_dtype(precision, acc))
+    ct_x = _real_correlate(_transpose_kernel(kernel), ct, dilations, precision, acc)
+    return _real_kernel_grad(x, ct, kernel.shape[1], dilations, precision, acc), ct_x
 
 
 _correlate.defvjp(_correlate_fwd, _correlate_bwd)
@@ -121,6 +137,8 @@ def toroidal_correlate(
     x: Inexact[Array, "n h w cin"],
     kernel: Inexact[Array, "scales k k cin cout"],
     dilations: tuple[int, ...] = (1,),
+    *,
+    precision: Precision = "float32",
 ) -> Inexact[Array, "n h w cout"]:
     """Periodic cross-correlation of channels-last fields, summed over dilated scales.
 
@@ -128,7 +146,12 @@ def toroidal_correlate(
     wrap-padded input (and as PyTorch's `padding_mode="circular"`), for real or complex `x`
     and `kernel` (a complex operand makes the result complex). Differentiable in both, with
     fast explicit transposes; `jit`/`vmap`/`grad` compatible.
+
+    `precision="bfloat16"` rounds the operands of every product (the real and imaginary
+    planes, the kernel, and in the backward pass the cotangent) to bfloat16 and accumulates in
+    the operands' dtype, which the result and the gradients keep.
     """
+    precision = check_precision(precision, "toroidal_correlate")
     x, kernel = jnp.asarray(x), jnp.asarray(kernel)
     dilations = tuple(int(r) for r in dilations)
     _check(x, kernel, dilations)
@@ -139,5 +162,5 @@ def toroidal_correlate(
         raise TypeError(f"expected floating or complex operands, got {x.dtype} and {kernel.dtype}.")
     if jnp.issubdtype(dtype, jnp.complexfloating):
         kernel = block_matrix(kernel.astype(dtype))
-        return from_planes(_correlate(kernel, to_planes(x.astype(dtype)), dilations))
-    return _correlate(kernel.astype(dtype), x.astype(dtype), dilations)
+        return from_planes(_correlate(kernel, to_planes(x.astype(dtype)), dilations, precision))
+    return _correlate(kernel.astype(dtype), x.astype(dtype), dilations, precision)

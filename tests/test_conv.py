@@ -1,5 +1,6 @@
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -347,3 +348,155 @@ def test_toroidal_correlate_bad_input():
         ff.toroidal_correlate(x, jnp.zeros((1, 3, 3, 2, 2)), (0,))
     with pytest.raises(TypeError, match="floating or complex"):
         ff.toroidal_correlate(x.astype(jnp.int32), jnp.zeros((1, 3, 3, 2, 2), jnp.int32))
+
+
+#
+# Mixed precision: `precision="bfloat16"` (bfloat16 operands, float32 accumulation).
+#
+
+LAYOUTS = ("direct", "spectral", "planar")
+
+
+def _bf16(x) -> np.ndarray:
+    """Real (and imaginary) parts rounded to bfloat16, in float64/complex128."""
+    x = np.asarray(x)
+
+    def rnd(a):
+        return np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+
+    return rnd(x.real) + 1j * rnd(x.imag) if np.iscomplexobj(x) else rnd(x)
+
+
+def _mixed_conv(precision="bfloat16", cin=3, cout=2):
+    """A complex64 two-scale 3x3 conv (operator norm about 1) at `precision`."""
+    conv = eqx.filter_eval_shape(
+        ToroidalConv, cin, cout, 3, (1, 2), precision=precision, key=jax.random.PRNGKey(0)
+    )
+    weight = _crandn(np.random.default_rng(5), *conv.weight.shape) / 8
+    return eqx.tree_at(lambda m: m.weight, conv, jnp.asarray(weight, jnp.complex64))
+
+
+def _field(seed, c=3, h=6, w=8):
+    return jnp.asarray(_crandn(np.random.default_rng(seed), c, h, w), jnp.complex64)
+
+
+@eqx.filter_jit
+def _apply_layout(conv, z, layout):
+    import fractal_field as ff
+
+    h, w = z.shape[1:]
+    if layout == "planar":
+        return ff.from_planar(conv.planar_operator(h, w)(ff.to_planar(z[None])))[0]
+    return conv.operator(h, w, impl=layout)(z)
+
+
+def test_bfloat16_direct_is_exact_on_bfloat16_inputs():
+    # Products of bfloat16 numbers are exact in float32: on operands that are already
+    # bfloat16, only float32 accumulation separates the result from the exact one.
+    conv = _mixed_conv()
+    weight = _bf16(conv.weight)
+    conv = eqx.tree_at(lambda m: m.weight, conv, jnp.asarray(weight, jnp.complex64))
+    z = _bf16(_field(6))
+    out = _apply_layout(conv, jnp.asarray(z, jnp.complex64), "direct")
+    ref = _reference(weight, conv.dilations, z)
+    assert out.dtype == jnp.complex64
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def test_bfloat16_spectral_rounds_the_mixing_operands_only():
+    # The FFTs stay complex64; the per-frequency mixing multiplies the bfloat16-rounded planes
+    # of the field's spectrum by the bfloat16-rounded block matrices, accumulating in float32.
+    conv, z = _mixed_conv(), _field(6)
+    out = _apply_layout(conv, z, "spectral")
+    op = conv.operator(6, 8, impl="spectral")
+    zf = np.asarray(jnp.fft.fft2(z)).reshape(3, 48)
+    planes = _bf16(np.concatenate([zf.real, zf.imag]))
+    yf = np.einsum("fio,if->of", _bf16(op.block), planes)
+    ref = np.fft.ifft2((yf[:2] + 1j * yf[2:]).reshape(2, 6, 8))
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bfloat16_conv_within_bfloat16_rounding_of_float32(layout):
+    conv, z = _mixed_conv(), _field(7)
+    ref = _reference(np.asarray(conv.weight, np.complex128), conv.dilations, np.asarray(z))
+    out = _apply_layout(conv, z, layout)
+    exact = _apply_layout(_mixed_conv("float32"), z, layout)
+    assert out.dtype == exact.dtype == jnp.complex64
+    err = np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref)
+    # A few bfloat16 roundings (unit roundoff 2^-9 = 0.002) against float32's 1e-7.
+    assert 1e-4 < err < 1e-2
+    assert np.linalg.norm(np.asarray(exact) - ref) / np.linalg.norm(ref) < 1e-6
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bfloat16_gradients_and_products(layout):
+    z, ct = _field(8), _field(9, c=2)
+
+    def loss(conv, z):
+        y = _apply_layout(conv, z, layout)
+        return jnp.sum(jnp.real(jnp.conj(ct) * y) + 0.1 * jnp.abs(y) ** 2)
+
+    grad = eqx.filter_jit(jax.grad(loss, argnums=(0, 1)))
+    g32 = grad(_mixed_conv("float32"), z)
+    gbf = grad(_mixed_conv(), z)
+    for a, b in [(g32[0].weight, gbf[0].weight), (g32[1], gbf[1])]:
+        assert b.dtype == a.dtype == jnp.complex64
+        assert jnp.linalg.norm(b - a) / jnp.linalg.norm(a) < 1e-2
+    # Every real matrix product of the layout's application, forward and backward, takes
+    # bfloat16 operands and accumulates in float32.
+    op = eqx.filter_eval_shape(
+        lambda c: c.planar_operator(6, 8) if layout == "planar" else c.operator(6, 8, impl=layout),
+        _mixed_conv(),
+    )
+    x = jax.ShapeDtypeStruct((2, 6, 8, 3, 1), jnp.float32) if layout == "planar" else z
+    jaxpr = jax.make_jaxpr(lambda op, x: jax.vjp(op, x)[1](op(x)))(op, x)
+    dots = _find_eqns(jaxpr.jaxpr, "dot_general")
+    assert len(dots) >= 2
+    for eqn in dots:
+        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2, eqn
+        assert eqn.outvars[0].aval.dtype == jnp.float32
+
+
+def _find_eqns(jaxpr, name):
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == name:
+            out.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out += _find_eqns(sub, name)
+    return out
+
+
+def test_with_precision_sets_every_conv_and_shares_weights():
+    import fractal_field as ff
+
+    key = jax.random.PRNGKey(0)
+    cell = eqx.filter_eval_shape(ff.FractalCell, 4, hidden=6, norm_grid=(8, 8), key=key)
+    multi = eqx.filter_eval_shape(ff.MultiScaleCell, (4, 2), norm_grid=(8, 8), key=key)
+    for tree in (cell, multi):
+        mixed = ff.with_precision(tree, "bfloat16")
+        convs = [x for x in jax.tree_util.tree_leaves(mixed, is_leaf=_is_conv) if _is_conv(x)]
+        before = [x for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_conv) if _is_conv(x)]
+        assert len(convs) == len(before) >= 2
+        assert all(c.precision == "bfloat16" for c in convs)
+        assert all(b.precision == "float32" for b in before)
+        assert all(c.weight is b.weight for c, b in zip(convs, before, strict=True))
+        assert eqx.tree_equal(ff.with_precision(mixed, "float32"), tree)
+
+
+def _is_conv(x):
+    return isinstance(x, ToroidalConv)
+
+
+def test_precision_bad_values():
+    import fractal_field as ff
+
+    key = jax.random.PRNGKey(0)
+    for bad in ("float16", "bf16", jnp.bfloat16, None):
+        with pytest.raises(ValueError, match=r"ToroidalConv\(precision=.*'bfloat16'"):
+            ToroidalConv(2, 2, 3, precision=bad, key=key)
+    with pytest.raises(ValueError, match=r"with_precision\(precision='half'\)"):
+        ff.with_precision(_mixed_conv(), "half")
+    with pytest.raises(ValueError, match=r"toroidal_correlate\(precision='fp8'\)"):
+        ff.toroidal_correlate(jnp.zeros((1, 5, 5, 2)), jnp.zeros((1, 3, 3, 2, 2)), precision="fp8")

@@ -1,14 +1,20 @@
 """The fractal cell and the classifier models."""
 
+from pathlib import Path
+
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
 import pytest
 from _reference import to_float64
 
 import fractal_field as ff
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_nano.py"
 
 
 @pytest.mark.parametrize(
@@ -426,3 +432,84 @@ def test_planar_batch_trajectory_matches_per_sample_naive_iterates():
     assert sq.stats.trajectory.shape == sp.stats.trajectory.shape == (3, 4, 4, 8, 8)
     np.testing.assert_allclose(sq.stats.trajectory, sp.stats.trajectory, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(sq.stats.num_steps, sp.stats.num_steps)
+
+
+def _eqns(jaxpr, name):
+    """Every equation called `name` in a jaxpr and the jaxprs inside it."""
+    out = [e for e in jaxpr.eqns if e.primitive.name == name]
+    for e in jaxpr.eqns:
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            out += _eqns(sub, name)
+    return out
+
+
+def _check_mixed_loops(model, x):
+    """Every carry of the model's solves is float32 or complex64, and the loop bodies'
+    products take bfloat16 operands."""
+    loops = _eqns(jax.make_jaxpr(lambda x: model.batched(x)[0])(x).jaxpr, "while")
+    assert loops
+    for loop in loops:
+        carries = {v.aval.dtype for v in loop.outvars if jnp.issubdtype(v.aval.dtype, jnp.inexact)}
+        assert carries <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.complex64)}, carries
+    products = [e for loop in loops for e in _eqns(loop.params["body_jaxpr"].jaxpr, "dot_general")]
+    assert any(e.invars[0].aval.dtype == jnp.bfloat16 for e in products)
+
+
+def test_bfloat16_training_step_matches_float32():
+    """`model.precision=bfloat16` (per-sample solves, implicit adjoint): one training step's
+    loss, solver steps and gradients (SGD with rate 1: the update) within bfloat16 rounding of
+    float32's; parameters and the field stay float32/complex64."""
+    from fractal_field._train import build_model, make_train_step
+
+    x = jr.normal(jr.PRNGKey(1), (4, 1, 8, 8))
+    y = jnp.array([0, 1, 2, 3])
+    optimizer = optax.sgd(1.0)
+    step = make_train_step(optimizer, None)
+    out = {}
+    for precision in ("float32", "bfloat16"):
+        config = ff.load_config(f"{CONFIG}:smoke", [f"model.precision={precision}"])
+        model = build_model(config, key=jr.PRNGKey(0))
+        assert model.cell.conv.conv.precision == precision
+        params = jax.tree_util.tree_map(np.array, eqx.filter(model, eqx.is_inexact_array))
+        opt_state = optimizer.init(params)
+        if precision == "bfloat16":
+            _check_mixed_loops(model, x)
+        new, _, metrics = step(jr.PRNGKey(2), model, opt_state, x, y)
+        assert new.cell.conv.conv.precision == precision
+        grads = jax.tree_util.tree_map(
+            lambda a, b: a - b, params, eqx.filter(new, eqx.is_inexact_array)
+        )
+        out[precision] = metrics, grads
+    (m32, g32), (mbf, gbf) = out["float32"], out["bfloat16"]
+    np.testing.assert_allclose(mbf["loss"], m32["loss"], rtol=1e-2)
+    assert 0 < float(mbf["bwd_steps"]) and abs(float(mbf["fwd_steps"] - m32["fwd_steps"])) <= 3
+    assert float(mbf["fwd_failed"]) == 0
+    leaves32, leavesbf = jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(gbf)
+    assert [a.dtype for a in leavesbf] == [a.dtype for a in leaves32]
+    assert jnp.complex64 in [a.dtype for a in leavesbf]
+    g, g_bf = (jnp.concatenate([jnp.ravel(a) for a in t]) for t in (leaves32, leavesbf))
+    assert 1e-5 < float(jnp.linalg.norm(g_bf - g) / jnp.linalg.norm(g)) < 5e-2
+
+
+def test_bfloat16_planar_batch_solve_matches_float32():
+    x = jr.normal(jr.PRNGKey(1), (3, 1, 8, 8))
+    run = eqx.filter_jit(lambda m, x: m.batched(x))
+    logits, sol = run(ff.make_model("tiny", key=jr.PRNGKey(0), batch_solve="planar"), x)
+    mixed = ff.make_model("tiny", key=jr.PRNGKey(0), batch_solve="planar", precision="bfloat16")
+    logits_bf, sol_bf = run(mixed, x)
+    assert sol_bf.value.dtype == jnp.complex64 and logits_bf.dtype == jnp.float32
+    assert bool(jnp.all(sol_bf.result == ff.RESULTS.successful))
+    field_err = jnp.linalg.norm(sol_bf.value - sol.value) / jnp.linalg.norm(sol.value)
+    assert 1e-5 < float(field_err) < 1e-2
+    np.testing.assert_allclose(logits_bf, logits, rtol=0, atol=1e-2 * float(jnp.abs(logits).max()))
+    _check_mixed_loops(mixed, x)
+
+
+def test_precision_errors():
+    with pytest.raises(ValueError, match=r"FieldClassifier\(precision='float16'\)"):
+        ff.make_model("tiny", key=jr.PRNGKey(0), precision="float16")
+    from fractal_field._train import build_model
+
+    config = ff.load_config(f"{CONFIG}:smoke", ["model.precision=half"])
+    with pytest.raises(ValueError, match="'bfloat16'"):
+        build_model(config, key=jr.PRNGKey(0))
