@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -121,6 +122,27 @@ def build_model(config, *, key) -> FieldClassifier:
         adjoint=build_adjoint(_plain(config.adjoint)),
         **model_cfg,
     )
+
+
+def same_model_config(a: dict, b: dict) -> bool:
+    """Whether two `config.model` dicts build the same model: equal, up to keys that one
+    leaves out and the other sets to `ff.FieldClassifier`'s default (so that a run resumes
+    after a new model option was added to the configs with its default value)."""
+    defaults = {
+        k: v.default
+        for k, v in inspect.signature(FieldClassifier.__init__).parameters.items()
+        if v.default is not inspect.Parameter.empty
+    }
+    missing = object()
+    for key in set(a) | set(b):
+        x, y = a.get(key, missing), b.get(key, missing)
+        if x is missing:
+            x = defaults.get(key, missing)
+        if y is missing:
+            y = defaults.get(key, missing)
+        if x != y or x is missing:
+            return False
+    return True
 
 
 def build_optimizer(config, steps_per_epoch: int):
@@ -587,7 +609,7 @@ def train(
     last = ckdir / "last.eqx"
     if last.exists():
         meta = read_meta(last)
-        if meta["config"].get("model") != config.model.to_dict():
+        if not same_model_config(meta["config"].get("model") or {}, config.model.to_dict()):
             raise ValueError(
                 f"The checkpoint in {ckdir} was trained with a different model config "
                 f"({meta['config'].get('model')}) than the one given ({config.model.to_dict()}). "

@@ -924,6 +924,22 @@ def test_pretraining_steps_then_the_solver_and_resume_across_the_switch(tmp_path
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "same"),
+    [
+        ({"preset": "nano"}, {"preset": "nano", "precision": "float32"}, True),  # a new default
+        ({"preset": "nano", "field_dropout": 0.0}, {"preset": "nano"}, True),
+        ({"preset": "nano"}, {"preset": "nano", "precision": "bfloat16"}, False),
+        ({"preset": "nano", "stem": 8}, {"preset": "nano"}, False),
+        ({"preset": "nano"}, {"preset": "nano", "no_such_option": 1}, False),
+        ({}, {"preset": "nano"}, False),  # `preset` has no default to fall back on
+    ],
+)
+def test_resume_compares_model_configs_up_to_defaults(old, new, same):
+    assert _train.same_model_config(old, new) is same
+    assert _train.same_model_config(new, old) is same
+
+
 def test_non_finite_loss_stops_before_checkpointing_it(tmp_path):
     # A learning rate of 1e30 blows the parameters up within a few updates; training raises
     # (non-finite parameters or loss) and the checkpoint on disk is the last finite model.
