@@ -45,7 +45,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.adjoint = dict(c.adjoint, max_steps=60, rtol=1e-3)
         c.steps = 8
         c.batch_size = 8
-        c.lr = 3e-2
+        c.lr = 3e-3
         c.log_every = 2
     elif variant:
         raise ValueError(f"Unknown variant {variant!r}: use '' or 'smoke'.")
