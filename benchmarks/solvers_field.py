@@ -9,10 +9,13 @@ slow error modes are smooth and their number of steps grows with the grid.
 
 Layouts: `per_sample` (`vmap`; each image stops on its own residual) and `joint` (the batch
 as one fixed-point problem `(B, C, H, W)`, one stopping test). Solvers: Naive, Anderson
-(history 5) and Multigrid (levels down to an 8x8 grid; the settings in `MULTIGRID`, tuned on
-this model with `--tune`). Each variant is compiled first, then timed in `--repeats`
-round-robin rounds (so load changes hit all alike): medians of wall time and process CPU time
-(`time.process_time`). `evals`: mean fine-grid-equivalent map evaluations per image.
+(history 5) and Multigrid with the settings in `MULTIGRID` per model (the trained model's
+chosen with `--tune`: levels down to an 8x8 grid, defaults otherwise). Control (`harmonic`):
+the same architecture at its noise-free diffusion initialisation, whose fill has no decay per
+grid step (per sample, rtol 1e-5 by default). Each variant is compiled first, then timed in
+`--repeats` round-robin rounds (so load changes hit all alike): medians of wall time and
+process CPU time (`time.process_time`). `evals`: mean fine-grid-equivalent map evaluations
+per image.
 `hidden_mse`: restoration error on the hidden pixels (against the upsampled digit), to compare
 with the training grid (`restoration`: on `--restoration-batch` digits, solved by Anderson to
 rtol 1e-5). `slow_mode`: the linearised map's slowest error mode at the fixed point
