@@ -51,6 +51,13 @@ from ._energy import AbstractEnergyMap as AbstractEnergyMap
 from ._equilibrium import EquilibriumPropagation as EquilibriumPropagation
 from ._export import export_classifier as export_classifier, export_onnx as export_onnx
 from ._fixed_point import fixed_point as fixed_point
+from ._inpaint import (
+    InpaintField as InpaintField,
+    InpaintMap as InpaintMap,
+    load_inpaint as load_inpaint,
+    save_inpaint as save_inpaint,
+    train_inpaint as train_inpaint,
+)
 from ._jacobian import jacobian_penalty as jacobian_penalty
 from ._kron_graph import kron_adjacency as kron_adjacency, kron_labels as kron_labels
 from ._kron_net import KroneckerNet as KroneckerNet

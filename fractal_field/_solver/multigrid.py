@@ -125,6 +125,13 @@ class Multigrid(AbstractFixedPointSolver):
       rough model of the fine one (a fixed 3x3 stencil reaches twice as far on a grid twice
       as coarse) and an under-solved coarsest grid; it costs no extra evaluation.
     - `max_correction`: upper bound on `alpha`.
+    - `residual_scale`: multiplies the residual restricted to each coarser grid. A fixed 3x3
+      stencil that acts as a second-order (diffusion) operator is `4x` stronger on smooth
+      errors one grid coarser, so its coarse correction comes out `4x` too small: `4` (with
+      `correction="unit"` and full weighting) makes it the right size for such maps, e.g. the
+      harmonic hole filling of `ff.InpaintField` at its diffusion initialisation
+      (`benchmarks/solvers_field.py`). Keep `1` (default) where the slow modes decay at a rate
+      that does not depend on the grid (a mass-like term): there `4` over-corrects and diverges.
 
     Defaults were chosen by measurement on smooth, strongly contractive convolutional field
     maps (see `benchmarks/solvers.py`): bilinear prolongation and the minimal-residual
@@ -159,6 +166,7 @@ class Multigrid(AbstractFixedPointSolver):
     prolongation: Prolongation = "bilinear"
     correction: Literal["minimal_residual", "unit"] = "minimal_residual"
     max_correction: float = 4.0
+    residual_scale: float = 1.0
 
     # `fn` is called on coarser grids, so the driver must not closure-convert it.
     resolution_agnostic: ClassVar[bool] = True
@@ -180,6 +188,8 @@ class Multigrid(AbstractFixedPointSolver):
             raise ValueError("Multigrid(correction=...) must be 'minimal_residual' or 'unit'.")
         if not self.max_correction >= 1:
             raise ValueError(f"Multigrid(max_correction={self.max_correction}) must be >= 1.")
+        if not self.residual_scale > 0:
+            raise ValueError(f"Multigrid(residual_scale={self.residual_scale}) must be > 0.")
 
     def check(self, fn: Fn, z0: PyTree, args: PyTree) -> None:
         h, w = _grid(z0)
@@ -279,7 +289,10 @@ class Multigrid(AbstractFixedPointSolver):
             zc = down(z)
             fzc = fns[level + 1](zc, argss[level + 1])
             work += cost / 4
-            bc = tree_add(tree_sub(zc, fzc), down(r))  # N_H(R z) + R r
+            rc = down(r)
+            if self.residual_scale != 1:
+                rc = jtu.tree_map(lambda x: (self.residual_scale * x).astype(x.dtype), rc)
+            bc = tree_add(tree_sub(zc, fzc), rc)  # N_H(R z) + s R r
             zc_new, _, coarse_work = self._cycle(level + 1, fns, argss, zc, fzc, bc, False)
             work += coarse_work
             c = jtu.tree_map(
