@@ -19,9 +19,9 @@ import numpy as np
 # Config keys that may differ between processes: each host may keep its data elsewhere.
 HOST_LOCAL_KEYS = ("data.data_dir", "data.tfds_data_dir")
 
-# Exit status of a process that stops because another process of its run was lost
-# (EX_TEMPFAIL of sysexits.h: a temporary failure, to be retried).
 EXIT_PROCESS_LOST = 75
+"""Exit status of a process that stops because another process of its run was lost (75,
+`EX_TEMPFAIL`: start all processes again to resume)."""
 # Seconds without a heartbeat after which `ProcessWatch` declares a process lost.
 _settings = {"heartbeat_timeout": 60.0}
 
