@@ -33,7 +33,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import equinox as eqx
 import jax
@@ -45,6 +44,9 @@ import fractal_field as ff
 from fractal_field._inpaint import box_masks, hidden_mse, upsample
 from fractal_field._provenance import provenance
 from fractal_field.data import load_dataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from solvers_trained import time_variants  # noqa: E402
 
 # The Multigrid settings per model (chosen with `--tune` on each; `levels_offset` adds levels
 # below the 8x8 grid).
@@ -122,22 +124,6 @@ def compile_run(model, x, m, layout, solver, rtol, max_steps):
     compiled = jax.jit(lambda d, x, m: run(eqx.combine(d, static), x, m)).lower(dyn, x, m)
     compiled = compiled.compile()
     return lambda: compiled(dyn, x, m)
-
-
-def time_variants(variants, repeats):
-    """Round-robin timing: `(wall, cpu)` medians per variant, in ms."""
-    walls = [[] for _ in variants]
-    cpus = [[] for _ in variants]
-    for _ in range(repeats):
-        for i, (_, fn) in enumerate(variants):
-            t, c = time.perf_counter(), time.process_time()
-            jax.block_until_ready(fn())
-            walls[i].append(time.perf_counter() - t)
-            cpus[i].append(time.process_time() - c)
-    return [
-        (1e3 * float(np.median(w)), 1e3 * float(np.median(c)))
-        for w, c in zip(walls, cpus, strict=True)
-    ]
 
 
 def finish(variants, times, x, m, log):

@@ -85,6 +85,22 @@ def compile_run(model, x, layout, solver, rtol, loop, max_steps=500):
     return lambda: compiled(dyn, x)
 
 
+def time_variants(variants, repeats):
+    """Round-robin timing: `(wall, cpu)` medians per variant, in ms."""
+    walls = [[] for _ in variants]
+    cpus = [[] for _ in variants]
+    for _ in range(repeats):
+        for i, (_, fn) in enumerate(variants):
+            t, c = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn())
+            walls[i].append(time.perf_counter() - t)
+            cpus[i].append(time.process_time() - c)
+    return [
+        (1e3 * float(np.median(w)), 1e3 * float(np.median(c)))
+        for w, c in zip(walls, cpus, strict=True)
+    ]
+
+
 def bench_model(name, model, x, rtols, repeats, layouts, log) -> list[dict]:
     """Compile every variant, then time them round-robin (`repeats` rounds), so that a
     change in the machine's load hits all variants alike."""
@@ -102,20 +118,12 @@ def bench_model(name, model, x, rtols, repeats, layouts, log) -> list[dict]:
                         row["levels"] = solver.levels
                     fn = compile_run(model, x, layout, solver, rtol, loop)
                     variants.append((row, fn))
-    walls = [[] for _ in variants]
-    cpus = [[] for _ in variants]
-    for _ in range(repeats):
-        for i, (_, fn) in enumerate(variants):
-            t, c = time.perf_counter(), time.process_time()
-            jax.block_until_ready(fn())
-            walls[i].append(time.perf_counter() - t)
-            cpus[i].append(time.process_time() - c)
     rows = []
-    for (row, fn), wall, cpu in zip(variants, walls, cpus, strict=True):
+    for (row, fn), (ms, cpu_ms) in zip(variants, time_variants(variants, repeats), strict=True):
         logits, stats, result = fn()
         row.update(
-            ms=1e3 * float(np.median(wall)),
-            cpu_ms=1e3 * float(np.median(cpu)),
+            ms=ms,
+            cpu_ms=cpu_ms,
             steps=float(jnp.mean(stats.num_steps)),
             max_steps=int(jnp.max(stats.num_steps)),
             evals=float(jnp.mean(stats.num_fn_evals)),
