@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -272,3 +273,18 @@ def fixed_point(
     if throw:
         value = result.error_if(value, result != RESULTS.successful)
     return Solution(value=value, result=result, stats=stats)
+
+
+def solve_settings(owner, overrides: dict) -> dict[str, Any]:
+    """`fixed_point` keywords from a model's `solver`, `adjoint`, `max_steps`, `rtol` and
+    `atol` (with `throw=False`: a model reports failures as result codes), then `overrides`."""
+    kwargs: dict[str, Any] = dict(
+        solver=owner.solver,
+        adjoint=owner.adjoint,
+        max_steps=owner.max_steps,
+        rtol=owner.rtol,
+        atol=owner.atol,
+        throw=False,
+    )
+    kwargs.update(overrides)
+    return kwargs

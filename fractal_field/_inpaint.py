@@ -13,7 +13,7 @@ from jaxtyping import Array, Complex, Float, PRNGKeyArray
 
 from ._adjoint import ImplicitAdjoint
 from ._cell import FractalCell
-from ._fixed_point import fixed_point
+from ._fixed_point import fixed_point, solve_settings
 from ._solution import Solution
 from ._solver import Anderson
 
@@ -151,15 +151,7 @@ class InpaintField(eqx.Module):
     ) -> Solution:
         """The field's fixed point for one image; keyword arguments override
         `ff.fixed_point`'s."""
-        kwargs: dict[str, Any] = dict(
-            solver=self.solver,
-            adjoint=self.adjoint,
-            max_steps=self.max_steps,
-            rtol=self.rtol,
-            atol=self.atol,
-            throw=False,
-        )
-        kwargs.update(fixed_point_kwargs)
+        kwargs = solve_settings(self, fixed_point_kwargs)
         inj = self.inject(image, mask)
         agnostic = getattr(kwargs["solver"], "resolution_agnostic", False)
         fn = self.field_map(None if agnostic else inj.shape[1:])

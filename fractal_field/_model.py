@@ -18,7 +18,7 @@ from jaxtyping import Array, Complex, Float, PRNGKeyArray
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._cell import FractalCell
 from ._conv import with_precision
-from ._fixed_point import fixed_point
+from ._fixed_point import fixed_point, solve_settings
 from ._jacobian import jacobian_penalty
 from ._multiscale import MultiScaleCell
 from ._planar import from_planar, to_planar
@@ -452,18 +452,6 @@ class FieldClassifier(eqx.Module):
         if batch_solve == "planar":
             _check_planar_solver(self.solver)
 
-    def _solve_kwargs(self, fixed_point_kwargs: dict) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(
-            solver=self.solver,
-            adjoint=self.adjoint,
-            max_steps=self.max_steps,
-            rtol=self.rtol,
-            atol=self.atol,
-            throw=False,
-        )
-        kwargs.update(fixed_point_kwargs)
-        return kwargs
-
     def field_mask(self, key: PRNGKeyArray, grid: tuple[int, int]) -> Float[Array, "c h w"]:
         """One image's variational dropout mask of the field's linear part: `0` with
         probability `field_dropout`, else `1 / (1 - field_dropout)`, drawn once per solve."""
@@ -489,7 +477,7 @@ class FieldClassifier(eqx.Module):
         `ff.fixed_point`'s. `field_mask` (`field_mask(key, grid)`) multiplies the cell's linear
         part at every step: variational dropout inside the equilibrium."""
         injection = self.encoder(x)
-        kwargs = self._solve_kwargs(fixed_point_kwargs)
+        kwargs = solve_settings(self, fixed_point_kwargs)
         if field_mask is not None and (
             getattr(kwargs["solver"], "resolution_agnostic", False)
             or not isinstance(self.cell, FractalCell)
@@ -565,7 +553,7 @@ class FieldClassifier(eqx.Module):
         if x.ndim != 4:
             raise ValueError(f"solve_planar expects a batch (b, c, H, W), got shape {x.shape}.")
         injection = to_planar(self.encoder.batched(x))
-        kwargs = self._solve_kwargs(fixed_point_kwargs)
+        kwargs = solve_settings(self, fixed_point_kwargs)
         _check_planar_solver(kwargs["solver"])
         _, h, w, _, b = injection.shape
         op = self.cell.planar_operator(h, w)
