@@ -123,16 +123,14 @@ class Anderson(AbstractFixedPointSolver):
         alpha = jnp.linalg.solve(gram, valid.astype(gram.dtype))
         alpha = alpha / jnp.sum(alpha)
         ok = jnp.all(jnp.isfinite(alpha))
-        alpha = jnp.where(ok, alpha, 0)
+        # The fallback (a plain mixed step) is the one-hot weight on the newest pair: a choice
+        # among m weights, not a select over the whole state.
+        alpha = jnp.where(ok, alpha, jnp.arange(m) == slot).astype(alpha.dtype)
 
-        mixed_f = _combine(alpha, fys)
-        if self.mixing == 1:
-            accel, plain = mixed_f, f_new
-        else:  # sum alpha_i z_i = sum alpha_i (f(z_i) - g_i)
+        y_new = _combine(alpha, fys)
+        if self.mixing != 1:  # sum alpha_i z_i = sum alpha_i (f(z_i) - g_i)
             beta = 1 - self.mixing
-            accel = tuple(a - beta * b for a, b in zip(mixed_f, _combine(alpha, gs), strict=True))
-            plain = tuple(a - beta * b for a, b in zip(f_new, g_new, strict=True))
-        y_new = [jnp.where(ok, a, b) for a, b in zip(accel, plain, strict=True)]
+            y_new = tuple(a - beta * b for a, b in zip(y_new, _combine(alpha, gs), strict=True))
         if len(y_new) == 2:
             y_new_flat = jax.lax.complex(*y_new).astype(y_flat.dtype)
         else:
