@@ -26,7 +26,6 @@ from ._precision import check_precision
 from ._solution import Solution
 from ._solver import AbstractFixedPointSolver, Anderson
 from ._symmetric import SymmetricCell
-from ._tapconv import toroidal_correlate
 
 
 class Encoder(eqx.Module):
@@ -84,26 +83,25 @@ class Encoder(eqx.Module):
                 f"Encoder expects one image of shape ({self.in_channels}, H, W) "
                 f"(channels first, unbatched: vmap over a batch); got {x.shape}."
             )
-        h = x.astype(self.conv.weight.dtype)
-        if self.stem is not None:
-            h = jax.nn.relu(self.stem(h))
-        h = _avg_pool(self.conv(h)[None, ...], self.pool, channels_last=False)[0]
-        return self._to_field(h, axis=0)
+        return self._encode(x[None])[0]
 
     def batched(self, x: Float[Array, "b cin H W"]) -> Complex[Array, "b c h w"]:
-        """`vmap` of the encoder, computed channels-last with `ff.toroidal_correlate` (one
-        matrix product per kernel row instead of XLA's convolution, several times faster on
-        CPUs for the stem). Same values as `jax.vmap(encoder)(x)` to rounding."""
+        """`vmap` of the encoder (the same computation, on the batch at once)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"Encoder.batched expects a batch of shape (b, {self.in_channels}, H, W); "
                 f"got {x.shape}."
             )
-        h = jnp.transpose(x.astype(self.conv.weight.dtype), (0, 2, 3, 1))
+        return self._encode(x)
+
+    def _encode(self, x: Float[Array, "b cin H W"]) -> Complex[Array, "b c h w"]:
+        h = x.astype(self.conv.weight.dtype)
+        hh, ww = h.shape[2:]
+        if hh % self.pool or ww % self.pool:
+            raise ValueError(f"Image size {hh}x{ww} is not divisible by pool={self.pool}.")
         if self.stem is not None:
-            h = jax.nn.relu(_correlate_like(self.stem, h))
-        h = _avg_pool(_correlate_like(self.conv, h), self.pool, channels_last=True)
-        return jnp.transpose(self._to_field(h, axis=-1), (0, 3, 1, 2))
+            h = jax.nn.relu(_pooled_conv(self.stem, h, 1))
+        return self._to_field(_pooled_conv(self.conv, h, self.pool), axis=1)
 
     def _to_field(self, h: Array, axis: int) -> Array:
         re, im = jnp.split(h, 2, axis=axis)
@@ -115,27 +113,21 @@ class Encoder(eqx.Module):
         return z
 
 
-def _avg_pool(h: Array, pool: int, *, channels_last: bool) -> Array:
-    """`pool x pool` average pooling of `(b, h, w, c)` (or `(b, c, h, w)`) maps."""
-    if pool == 1:
-        return h
-    hh, ww = h.shape[1:3] if channels_last else h.shape[2:4]
-    if hh % pool or ww % pool:
-        raise ValueError(f"Image size {hh}x{ww} is not divisible by pool={pool}.")
-    if channels_last:
-        b, _, _, c = h.shape
-        return h.reshape(b, hh // pool, pool, ww // pool, pool, c).mean((2, 4))
-    b, c = h.shape[:2]
-    return h.reshape(b, c, hh // pool, pool, ww // pool, pool).mean((3, 5))
-
-
-def _correlate_like(
-    conv: eqx.nn.Conv2d, x: Float[Array, "b h w cin"]
-) -> Float[Array, "b h w cout"]:
-    """`conv` (3x3, circular padding) on channels-last `x` through `toroidal_correlate`."""
-    kernel = jnp.transpose(conv.weight, (2, 3, 1, 0))[None]  # (1, k, k, cin, cout)
-    y = toroidal_correlate(x, kernel)
-    return y if conv.bias is None else y + conv.bias.reshape(-1)
+def _pooled_conv(
+    conv: eqx.nn.Conv2d, x: Float[Array, "b cin H W"], pool: int
+) -> Float[Array, "b cout H/pool W/pool"]:
+    """`conv` (3x3, circular padding) then `pool x pool` average pooling, as the one
+    `(pool + 2)`-wide convolution of stride `pool` that the two compose to: `pool**2 / 2.25`
+    times fewer products than convolving at full resolution, same values to rounding."""
+    w = conv.weight  # (cout, cin, 3, 3)
+    if pool > 1:  # box-filter the kernel: tap t of the composite sums taps t - (a, b) / pool^2
+        pads = [(a, pool - 1 - a) for a in range(pool)]
+        w = sum(jnp.pad(w, ((0, 0), (0, 0), pa, pb)) for pa in pads for pb in pads) / (pool * pool)
+    x = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="wrap")
+    y = jax.lax.conv_general_dilated(
+        x, w, (pool, pool), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW")
+    )
+    return y if conv.bias is None else y + conv.bias[None]
 
 
 def _pool_matrix(n: int, g: int) -> np.ndarray:
