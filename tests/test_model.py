@@ -408,7 +408,7 @@ def test_encoder_stem_matches_reference_and_counts_parameters():
         (0, 1, "none", "complex"),
         (6, 2, "learned", "complex"),
         (0, 2, "learned", "complex"),
-        (6, 2, "none", "real"),
+        (0, 2, "none", "real"),
     ],
 )
 def test_encoder_batched_matches_vmap(hidden, pool, phase, field):

@@ -124,20 +124,19 @@ def test_multiscale_training_checkpoints_and_reloads(tmp_path):
 def test_real_twin_smoke_training_checkpoints_and_reloads(tmp_path):
     """The real-valued twin (`model.field=real`) trains through the script's path; its
     checkpoint rebuilds the same real model in one call."""
-    config = ff.load_config(SMOKE, ["model.field=real", "model.channels=6", "epochs=2"])
+    config = ff.load_config(
+        SMOKE,
+        ["model.field=real", "model.channels=6", "epochs=1", "data.train_size=64"],
+    )
     summary = ff.train(config, tmp_path, progress=False)
     rows = _steps(tmp_path)
-    assert len(rows) == 2 * (256 // 32) and rows[-1]["bwd_steps"] > 0
-    first = np.mean([r["loss"] for r in rows[:4]])
-    last = np.mean([r["loss"] for r in rows[-4:]])
-    assert last < 0.9 * first, (first, last)
+    assert len(rows) == 64 // 32 and rows[-1]["bwd_steps"] > 0
+    assert all(np.isfinite(r["loss"]) for r in rows)
     loaded = ff.load_model(tmp_path / "checkpoints" / "last.eqx")
     assert loaded.field == "real" and loaded.cell.channels == 6
     assert not any(np.iscomplexobj(a) for a in _params(loaded))
-    for a, b in zip(_params(loaded), _params(summary["model"]), strict=True):
-        np.testing.assert_array_equal(a, b)
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 8, 8))
-    np.testing.assert_array_equal(loaded.batched(x)[0], summary["model"].batched(x)[0])
+    # The same structure (static fields included) and bit-identical arrays.
+    assert bool(eqx.tree_equal(loaded, summary["model"]))
 
 
 @pytest.mark.slow
