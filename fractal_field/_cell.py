@@ -168,12 +168,6 @@ class FractalCell(eqx.Module):
     def channels(self) -> int:
         return self.conv.out_channels
 
-    @property
-    def real(self) -> bool:
-        """Whether the field (and the convolution's weights) are real."""
-        conv = self.conv.conv if isinstance(self.conv, ContractiveToroidalConv) else self.conv
-        return conv.real
-
     def alpha(self):
         return jax.nn.sigmoid(self.alpha_param) if self.learn_alpha else self.alpha_param
 
