@@ -90,6 +90,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.pretrain_unroll = 10
         c.epochs = 50
         c.optim = dict(c.optim, lr=1e-3, final_lr_ratio=1e-3)
+    elif variant == "real":
+        # The real-valued twin (`field="real"`, docs/models.md): 96 real field channels with
+        # the same stem and readout, 142,410 real parameters, exactly the complex default's
+        # (`ff.equal_params_channels(config.model)`). Solved per sample: the planar layout
+        # carries complex fields.
+        c.model = dict(c.model, field="real", channels=96, batch_solve="per_sample")
     elif variant == "cpu_short":
         # About an hour on a 2-core CPU: a training step takes ~3.7 s there (planar batch
         # solve, stem), ~25 min per epoch with its evaluation; docs/results.md has what it
@@ -97,7 +103,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.epochs = 2
     elif variant:
         raise ValueError(
-            f"Unknown variant {variant!r} (use '', 'smoke', 'multiscale', 'expanded', 'mdeq' "
-            "or 'cpu_short')."
+            f"Unknown variant {variant!r} (use '', 'smoke', 'multiscale', 'expanded', 'mdeq', "
+            "'real' or 'cpu_short')."
         )
     return c

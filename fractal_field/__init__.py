@@ -108,4 +108,5 @@ from ._train import (
     run_summary as run_summary,
     train as train,
 )
+from ._twin import equal_params_channels as equal_params_channels
 from ._version import __version__ as __version__

@@ -3,6 +3,9 @@
 Lipschitz constants are for the activation viewed as a map `R^2 -> R^2` (equivalently
 `C -> C` with the modulus as norm), applied elementwise; they are what a fixed-point
 contraction bound multiplies by. See `LIPSCHITZ`.
+
+On a real field each is its real counterpart, of the input's dtype: `modrelu` is
+`sign(x) relu(|x| + b)`, `phase_tanh` is `tanh`, and `cardioid`, `crelu` and `zrelu` are ReLU.
 """
 
 import functools

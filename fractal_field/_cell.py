@@ -1,4 +1,4 @@
-"""The fractal cell: one weight set iterated on a complex toroidal field."""
+"""The fractal cell: one weight set iterated on a complex (or real) toroidal field."""
 
 from __future__ import annotations
 
@@ -70,6 +70,9 @@ class FractalCell(eqx.Module):
       is not Lipschitz, so such a cell has no contraction certificate (`lipschitz_bound` is
       `inf`); its fixed point exists (the update is bounded) but need not be unique, and
       solvers may stop unconverged. `ff.jacobian_penalty` helps keep the solves short.
+    - `dtype=jnp.float32`: a real field, with real convolution weights and the activation's
+      real counterpart (modReLU is then `sign(z) relu(|z| + b)`), the same contraction
+      certificate; not with `norm_groups` or the planar layout.
 
     Resolution-agnostic: the same weights act on any grid size, which the multigrid solver
     uses. With a 1-Lipschitz activation the cell is a contraction with constant
@@ -102,9 +105,17 @@ class FractalCell(eqx.Module):
         hidden: int = 0,
         hidden_activation: str | None = None,
         norm_groups: int = 0,
+        dtype=jnp.complex64,
         key: PRNGKeyArray,
     ):
         alpha_param = make_alpha(alpha, learn_alpha, "FractalCell")
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(f"FractalCell(dtype={dtype}) must be complex or real floating.")
+        if norm_groups and not jnp.issubdtype(dtype, jnp.complexfloating):
+            raise ValueError(
+                f"FractalCell(norm_groups={norm_groups}) normalises complex fields; it is not "
+                f"available with a real field (dtype={jnp.dtype(dtype).name})."
+            )
         if hidden < 0:
             raise ValueError(f"FractalCell(hidden={hidden}) must be >= 0 (0: no expansion).")
         if norm_groups < 0:
@@ -126,6 +137,7 @@ class FractalCell(eqx.Module):
                 gamma=1.0,
                 norm_grid=norm_grid,
                 impl=impl,
+                dtype=dtype,
                 key=ekey,
             )
             self.hidden_act = make_activation(hidden_activation, hidden)
@@ -140,6 +152,7 @@ class FractalCell(eqx.Module):
             gamma=gamma,
             norm_grid=norm_grid,
             impl=impl,
+            dtype=dtype,
             key=ckey,
         )
         # A small initial gain: with gain 1 the normalised update starts far from contractive

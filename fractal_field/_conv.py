@@ -9,6 +9,10 @@ boundaries. For a weight `W` of shape `(d, cout, cin, k, k)`, dilations `(r_1, .
 Complex arithmetic is used throughout (no conjugation). Real floating inputs are promoted to the
 weight's complex dtype (real fields are complex fields with zero imaginary part).
 
+A convolution with real weights (`dtype=jnp.float32`) maps real fields to real fields; its
+per-frequency matrices are still complex, and its operator norm (their largest singular value)
+is still exact.
+
 `precision="bfloat16"` (mixed precision) rounds the operands of the convolution's real matrix
 products to bfloat16 and accumulates them in float32; inputs, outputs and weights keep their
 dtypes (see `ff.with_precision`).
@@ -36,7 +40,8 @@ def _check_odd(kernel_size: int) -> None:
         raise ValueError(f"`kernel_size` must be a positive odd integer, got {kernel_size!r}.")
 
 
-def _as_complex(z: Array, dtype, channels: int, name: str) -> Array:
+def _as_field(z: Array, dtype, channels: int, name: str) -> Array:
+    """`z` checked and cast to `dtype` (a complex dtype, or a real one for a real convolution)."""
     z = jnp.asarray(z)
     if z.ndim != 3:
         raise ValueError(
@@ -46,10 +51,19 @@ def _as_complex(z: Array, dtype, channels: int, name: str) -> Array:
     if z.shape[0] != channels:
         raise ValueError(f"{name} expects {channels} input channels, got {z.shape[0]}.")
     if jnp.issubdtype(z.dtype, jnp.complexfloating):
+        if not jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"{name} has real weights and acts on real fields; got dtype {z.dtype}."
+            )
         return z.astype(dtype)
     if jnp.issubdtype(z.dtype, jnp.floating):
         return z.astype(dtype)
     raise TypeError(f"{name} expects a complex (or real floating) field, got dtype {z.dtype}.")
+
+
+def complex_dtype(dtype) -> jnp.dtype:
+    """The complex dtype of the same precision as `dtype` (real or complex)."""
+    return jnp.promote_types(dtype, jnp.complex64)
 
 
 def complex_rayleigh_init(
@@ -62,6 +76,16 @@ def complex_rayleigh_init(
     modulus = sigma * jnp.sqrt(-2 * jnp.log(u))
     phase = jax.random.uniform(kphase, shape, real_dtype, minval=-math.pi, maxval=math.pi)
     return (modulus * jnp.exp(1j * phase)).astype(dtype)
+
+
+def glorot_init(
+    key: PRNGKeyArray, shape: tuple[int, ...], sigma: float, dtype
+) -> Float[Array, "..."]:
+    """Real or complex weights with `E|w|^2 = 2 sigma^2`: normal for a real `dtype`,
+    `complex_rayleigh_init` for a complex one."""
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return complex_rayleigh_init(key, shape, sigma, dtype)
+    return (math.sqrt(2) * sigma * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 #
@@ -88,8 +112,9 @@ def spectrum(
     `fft2(conv(z))[o] = sum_i spectrum[o, i] * fft2(z)[i]`. Differentiable in `weight`.
     """
     k = weight.shape[-1]
-    py = jnp.asarray(_phases(h, k, dilations), weight.dtype)
-    px = jnp.asarray(_phases(w, k, dilations), weight.dtype)
+    cdtype = complex_dtype(weight.dtype)
+    py = jnp.asarray(_phases(h, k, dilations), cdtype)
+    px = jnp.asarray(_phases(w, k, dilations), cdtype)
     return jnp.einsum("joiab,jay,jbx->oiyx", weight, py, px)
 
 
@@ -113,7 +138,7 @@ class DirectOperator(ToroidalOperator):
 
     def __call__(self, z: Complex[Array, "cin h w"]) -> Complex[Array, "cout h w"]:
         cin = self.kernel.shape[3]
-        z = _as_complex(z, self.kernel.dtype, cin, "DirectOperator")
+        z = _as_field(z, self.kernel.dtype, cin, "DirectOperator")
         if z.shape[1:] != self.shape:
             raise ValueError(f"operator built for grid {self.shape}, got {z.shape[1:]}.")
         zt = jnp.transpose(z, (1, 2, 0))[None]
@@ -129,35 +154,41 @@ class SpectralOperator(ToroidalOperator):
     several times slower than real ones, and this form was ~15% faster per application at the
     MNIST Nano and CIFAR sizes (batch 128, 2-core CPU). With `precision="bfloat16"` the mixing
     runs on bfloat16 operands (the FFTs stay complex64: XLA has no bfloat16 FFT).
+
+    `real=True` (the spectrum of real weights): real fields in and out through `rfft2` and
+    `irfft2`, mixing the `h x (w // 2 + 1)` non-redundant frequencies only.
     """
 
     block: Float[Array, "hw 2cin 2cout"]
     shape: tuple[int, int] = eqx.field(static=True)
     precision: Precision = eqx.field(static=True, default="float32")
+    real: bool = eqx.field(static=True, default=False)
 
     @staticmethod
     def from_spectrum(
-        s: Complex[Array, "cout cin h w"], *, precision: Precision = "float32"
+        s: Complex[Array, "cout cin h w"], *, precision: Precision = "float32", real: bool = False
     ) -> "SpectralOperator":
         precision = check_precision(precision, "SpectralOperator")
         cout, cin, h, w = s.shape
-        st = jnp.transpose(s.reshape(cout, cin, h * w), (2, 1, 0))  # (hw, cin, cout)
-        return SpectralOperator(block_matrix(st), (h, w), precision)
+        if real:  # the other half of the spectrum is the conjugate of this one
+            s = s[..., : w // 2 + 1]
+        st = jnp.transpose(s.reshape(cout, cin, -1), (2, 1, 0))  # (frequencies, cin, cout)
+        return SpectralOperator(block_matrix(st), (h, w), precision, real)
 
     def __call__(self, z: Complex[Array, "cin h w"]) -> Complex[Array, "cout h w"]:
         _, cin2, cout2 = self.block.shape
         cin, cout = cin2 // 2, cout2 // 2
-        cdtype = jnp.complex128 if self.block.dtype == jnp.float64 else jnp.complex64
-        z = _as_complex(z, cdtype, cin, "SpectralOperator")
+        cdtype = complex_dtype(self.block.dtype)
+        z = _as_field(z, self.block.dtype if self.real else cdtype, cin, "SpectralOperator")
         if z.shape[1:] != self.shape:
             raise ValueError(f"operator built for grid {self.shape}, got {z.shape[1:]}.")
         h, w = self.shape
-        zf = jnp.fft.fft2(z).reshape(cin, h * w)
+        zf = (jnp.fft.rfft2(z) if self.real else jnp.fft.fft2(z)).reshape(cin, -1)
         planes = jnp.concatenate([jnp.real(zf), jnp.imag(zf)], axis=0)
         acc = self.block.dtype
         yf = einsum("fio,if->of", self.block, planes, precision=self.precision, accumulate=acc)
-        yf = lax.complex(yf[:cout], yf[cout:])
-        return jnp.fft.ifft2(yf.reshape(cout, h, w))
+        yf = lax.complex(yf[:cout], yf[cout:]).reshape(cout, h, -1)
+        return jnp.fft.irfft2(yf, s=(h, w)) if self.real else jnp.fft.ifft2(yf)
 
 
 def auto_impl(channels: int, h: int, w: int, taps: int) -> Literal["direct", "spectral"]:
@@ -201,9 +232,12 @@ class ToroidalConv(eqx.Module):
     products (the field's real and imaginary planes, or their spectra, and the weights) are
     rounded to bfloat16 and the products accumulate in float32; the weight, the input and the
     output keep their dtypes. `"float32"` (default): products in the weight's dtype.
+
+    `dtype=jnp.float32`: real weights (Glorot normal, the same `E W^2`), mapping real fields to
+    real fields; no planar operator (the planar layout carries complex fields).
     """
 
-    weight: Complex[Array, "d cout cin k k"]
+    weight: Complex[Array, "d cout cin k k"] | Float[Array, "d cout cin k k"]
     in_channels: int = eqx.field(static=True)
     out_channels: int = eqx.field(static=True)
     kernel_size: int = eqx.field(static=True)
@@ -231,18 +265,23 @@ class ToroidalConv(eqx.Module):
             raise ValueError("channel counts must be positive.")
         if impl not in ("direct", "spectral", "auto"):
             raise ValueError(f"`impl` must be 'direct', 'spectral' or 'auto', got {impl!r}.")
-        if not jnp.issubdtype(dtype, jnp.complexfloating):
-            raise TypeError(f"`dtype` must be complex, got {dtype}.")
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(f"`dtype` must be complex or real floating, got {dtype}.")
         self.precision = check_precision(precision, "ToroidalConv")
         fan = kernel_size**2 * len(dilations)
         sigma = 1 / math.sqrt(fan * (in_channels + out_channels))
         shape = (len(dilations), out_channels, in_channels, kernel_size, kernel_size)
-        self.weight = complex_rayleigh_init(key, shape, sigma, dtype)
+        self.weight = glorot_init(key, shape, sigma, dtype)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
         self.dilations = dilations
         self.impl = impl
+
+    @property
+    def real(self) -> bool:
+        """Whether the weights (so the fields it maps) are real."""
+        return not jnp.iscomplexobj(self.weight)
 
     @property
     def taps(self) -> int:
@@ -263,18 +302,25 @@ class ToroidalConv(eqx.Module):
             kernel = jnp.transpose(self.weight, (0, 3, 4, 2, 1))
             return DirectOperator(kernel, self.dilations, (h, w), self.precision)
         elif impl == "spectral":
-            return SpectralOperator.from_spectrum(self.spectrum(h, w), precision=self.precision)
+            return SpectralOperator.from_spectrum(
+                self.spectrum(h, w), precision=self.precision, real=self.real
+            )
         raise ValueError(f"`impl` must be 'direct', 'spectral' or 'auto', got {impl!r}.")
 
     def planar_operator(self, h: int, w: int) -> PlanarSpectralOperator:
         """The convolution on the `h x w` torus for batched planar fields `(2, h, w, c, b)`
-        (`ff.to_planar`): spectral, every stage a real matrix product."""
+        (`ff.to_planar`): spectral, every stage a real matrix product. Complex weights only."""
+        if self.real:
+            raise ValueError(
+                "A ToroidalConv with real weights has no planar operator: the planar layout "
+                "carries complex fields (real and imaginary planes)."
+            )
         return PlanarSpectralOperator.from_spectrum(self.spectrum(h, w), precision=self.precision)
 
     def __call__(
         self, z: Complex[Array, "cin h w"], *, impl: Impl | None = None
     ) -> Complex[Array, "cout h w"]:
-        z = _as_complex(z, self.weight.dtype, self.in_channels, "ToroidalConv")
+        z = _as_field(z, self.weight.dtype, self.in_channels, "ToroidalConv")
         return self.operator(z.shape[1], z.shape[2], impl=impl)(z)
 
     def operator_norm(self, h: int, w: int) -> Array:

@@ -27,6 +27,13 @@ from ._solution import Solution
 from ._solver import AbstractFixedPointSolver, Anderson
 from ._symmetric import SymmetricCell
 
+_FIELDS = ("complex", "real")
+
+
+def check_field(field: str, owner: str) -> None:
+    if field not in _FIELDS:
+        raise ValueError(f"{owner}(field={field!r}) must be 'complex' or 'real'.")
+
 
 class Encoder(eqx.Module):
     """Real image `(c_in, H, W)` -> complex injection field `(channels, H/s, W/s)`.
@@ -35,6 +42,9 @@ class Encoder(eqx.Module):
     3x3 real convolution producing `2 * channels` maps, read as real and imaginary parts, then
     `pool x pool` average pooling; every convolution pads circularly. `phase="learned"`
     multiplies each channel by a learned unit phase `exp(i theta_c)`.
+
+    `field="real"`: a real injection, the convolution producing `channels` maps (no pairing,
+    no phase).
     """
 
     stem: eqx.nn.Conv2d | None
@@ -42,6 +52,7 @@ class Encoder(eqx.Module):
     theta: Float[Array, " channels"] | None
     channels: int = eqx.field(static=True)
     pool: int = eqx.field(static=True)
+    field: str = eqx.field(static=True, default="complex")
 
     def __init__(
         self,
@@ -51,10 +62,17 @@ class Encoder(eqx.Module):
         pool: int = 1,
         phase: str = "none",
         hidden: int = 0,
+        field: str = "complex",
         key,
     ):
+        check_field(field, "Encoder")
         if phase not in ("none", "learned"):
             raise ValueError(f"Encoder(phase={phase!r}) must be 'none' or 'learned'.")
+        if phase == "learned" and field == "real":
+            raise ValueError(
+                "Encoder(phase='learned') multiplies the channels by complex phases; it is not "
+                "available with field='real'."
+            )
         if hidden < 0:
             raise ValueError(f"Encoder(hidden={hidden}) must be >= 0 (0: no stem).")
         # Without a stem, the keys (so the initial weights) are those of encoders before it.
@@ -64,7 +82,8 @@ class Encoder(eqx.Module):
             eqx.nn.Conv2d, kernel_size=3, padding=1, padding_mode="CIRCULAR", dtype=jnp.float32
         )
         self.stem = conv(in_channels, hidden, key=skey) if hidden else None
-        self.conv = conv(hidden or in_channels, 2 * channels, key=ckey)
+        maps = channels if field == "real" else 2 * channels
+        self.conv = conv(hidden or in_channels, maps, key=ckey)
         self.theta = (
             jr.uniform(pkey, (channels,), jnp.float32, -math.pi, math.pi)
             if (phase == "learned")
@@ -72,6 +91,7 @@ class Encoder(eqx.Module):
         )
         self.channels = channels
         self.pool = pool
+        self.field = field
 
     @property
     def in_channels(self) -> int:
@@ -104,6 +124,8 @@ class Encoder(eqx.Module):
         return self._to_field(_pooled_conv(self.conv, h, self.pool), axis=1)
 
     def _to_field(self, h: Array, axis: int) -> Array:
+        if self.field == "real":
+            return h
         re, im = jnp.split(h, 2, axis=axis)
         z = jax.lax.complex(re, im)
         if self.theta is not None:
@@ -143,6 +165,9 @@ class Readout(eqx.Module):
     """`|z|` (plus `|z| cos(arg z)`, `|z| sin(arg z)` if `phase_features`) -> optional head ->
     average pooling to a `grid x grid` layout (1 = global pooling) -> linear -> logits.
 
+    `field="real"` (a real field): the real counterparts, `|z|` (plus `z` itself if
+    `phase_features`).
+
     `hidden > 0` adds a nonlinear head at every site before pooling: a real 1x1 convolution
     from the site's features to `hidden` maps and a ReLU (one head per scale).
 
@@ -159,6 +184,7 @@ class Readout(eqx.Module):
     phase_features: bool = eqx.field(static=True)
     channels: tuple[int, ...] = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
+    field: str = eqx.field(static=True, default="complex")
 
     def __init__(
         self,
@@ -169,8 +195,10 @@ class Readout(eqx.Module):
         phase_features=False,
         hidden: int = 0,
         dropout: float = 0.0,
+        field: str = "complex",
         key,
     ):
+        check_field(field, "Readout")
         if hidden < 0:
             raise ValueError(f"Readout(hidden={hidden}) must be >= 0 (0: no head).")
         if not 0.0 <= dropout < 1.0:
@@ -179,7 +207,8 @@ class Readout(eqx.Module):
         self.channels = (channels,) if isinstance(channels, int) else tuple(channels)
         self.grid = grid
         self.phase_features = phase_features
-        per_site = 3 if phase_features else 1
+        self.field = field
+        per_site = (2 if field == "real" else 3) if phase_features else 1
         # Without a head, the key (so the initial weights) is that of readouts before it.
         hkeys = jr.split(jr.fold_in(key, 1), len(self.channels))
         self.heads = (
@@ -217,9 +246,13 @@ class Readout(eqx.Module):
     def _features(
         self, z: Complex[Array, "c h w"], g: int, head: eqx.nn.Linear | None
     ) -> Float[Array, " f"]:
+        if self.field == "real" and jnp.iscomplexobj(z):
+            raise TypeError(f"Readout(field='real') expects a real field, got dtype {z.dtype}.")
         mag = jnp.sqrt(jnp.real(z) ** 2 + jnp.imag(z) ** 2 + 1e-12)
         feats = [mag]
-        if self.phase_features:
+        if self.phase_features and self.field == "real":
+            feats.append(z)
+        elif self.phase_features:
             feats += [jnp.real(z) / (mag + 1e-6) * mag, jnp.imag(z) / (mag + 1e-6) * mag]
         f = jnp.concatenate(feats, 0)
         if head is not None:  # a 1x1 convolution: one matrix product over the channel axis
@@ -284,6 +317,13 @@ class FieldClassifier(eqx.Module):
     run their matrix products on bfloat16 operands with float32 accumulation
     (`ff.ToroidalConv(precision=...)`, set by `ff.with_precision`), while the field, the
     solver's state, the encoder, the readout and all parameters stay float32/complex64.
+
+    `field="real"` is the real-valued twin: a real injection (`Encoder(field="real")`), a real
+    toroidal convolution with the same contraction certificate, the activation's real
+    counterpart and real readout features (`Readout(field="real")`). A single field with
+    per-sample solves (not with `scales > 1`, `batch_solve="planar"`, `symmetric`,
+    `norm_groups` or `phase="learned"`). `ff.equal_params_channels` gives the channel count
+    whose parameter count matches a complex model's.
     """
 
     encoder: Encoder
@@ -296,6 +336,7 @@ class FieldClassifier(eqx.Module):
     atol: float = eqx.field(static=True)
     batch_solve: str = eqx.field(static=True)
     field_dropout: float = eqx.field(static=True, default=0.0)
+    field: str = eqx.field(static=True, default="complex")
 
     def __init__(
         self,
@@ -332,9 +373,11 @@ class FieldClassifier(eqx.Module):
         batch_solve: str = "per_sample",
         symmetric: bool = False,
         precision: str = "float32",
+        field: str = "complex",
         key: PRNGKeyArray,
     ):
         precision = check_precision(precision, "FieldClassifier")
+        check_field(field, "FieldClassifier")
         if batch_solve not in ("per_sample", "planar"):
             raise ValueError(
                 f"FieldClassifier(batch_solve={batch_solve!r}) must be 'per_sample' or 'planar'."
@@ -363,6 +406,23 @@ class FieldClassifier(eqx.Module):
                     f"FieldClassifier(scales={scales}, channels={channels}): give one channel "
                     "count per scale."
                 )
+        if field == "real":
+            options = dict(
+                scales=len(chans),
+                batch_solve=batch_solve,
+                symmetric=symmetric,
+                norm_groups=norm_groups,
+                phase=phase,
+            )
+            defaults = dict(
+                scales=1, batch_solve="per_sample", symmetric=False, norm_groups=0, phase="none"
+            )
+            for name, value in options.items():
+                if value != defaults[name]:
+                    raise ValueError(
+                        f"FieldClassifier(field='real') is a single FractalCell field with "
+                        f"per-sample solves; {name}={value!r} is not available."
+                    )
         if len(chans) > 1:
             _check_multiscale_solver(solver)
             for name, value in (("hidden", hidden), ("norm_groups", norm_groups)):
@@ -399,7 +459,9 @@ class FieldClassifier(eqx.Module):
                 )
         ekey, ckey, rkey = jr.split(key, 3)
         grid = image_size // pool
-        self.encoder = Encoder(in_channels, chans[0], pool=pool, phase=phase, hidden=stem, key=ekey)
+        self.encoder = Encoder(
+            in_channels, chans[0], pool=pool, phase=phase, hidden=stem, field=field, key=ekey
+        )
         cell_kwargs = dict(
             kernel_size=kernel_size,
             dilations=tuple(dilations),
@@ -420,6 +482,7 @@ class FieldClassifier(eqx.Module):
                 hidden=hidden,
                 hidden_activation=hidden_activation,
                 norm_groups=norm_groups,
+                dtype=jnp.float32 if field == "real" else jnp.complex64,
                 **cell_kwargs,
             )
         else:
@@ -432,6 +495,7 @@ class FieldClassifier(eqx.Module):
             phase_features=phase_features,
             hidden=readout_hidden,
             dropout=dropout,
+            field=field,
             key=rkey,
         )
         self.solver = Anderson() if solver is None else solver
@@ -441,6 +505,7 @@ class FieldClassifier(eqx.Module):
         self.atol = atol
         self.batch_solve = batch_solve
         self.field_dropout = float(field_dropout)
+        self.field = field
         if batch_solve == "planar":
             _check_planar_solver(self.solver)
 
@@ -544,6 +609,10 @@ class FieldClassifier(eqx.Module):
         """
         if x.ndim != 4:
             raise ValueError(f"solve_planar expects a batch (b, c, H, W), got shape {x.shape}.")
+        if self.field == "real":
+            raise ValueError(
+                "solve_planar carries complex fields; a field='real' model solves per sample."
+            )
         injection = to_planar(self.encoder.batched(x))
         kwargs = solve_settings(self, fixed_point_kwargs)
         _check_planar_solver(kwargs["solver"])

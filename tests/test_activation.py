@@ -128,3 +128,33 @@ def test_modules():
     np.testing.assert_allclose(np.asarray(m_pos(z)), np.asarray(modrelu(z, 0.0)), rtol=1e-6)
     assert Cardioid().lipschitz == LIPSCHITZ["cardioid"]
     np.testing.assert_allclose(np.asarray(Cardioid()(z)), np.asarray(cardioid(z)))
+
+
+@pytest.mark.parametrize(
+    "name, reference",
+    [
+        ("modrelu", lambda x: np.sign(x) * np.maximum(np.abs(x) - 0.5, 0)),
+        ("modrelu_module", lambda x: np.sign(x) * np.maximum(np.abs(x) - 0.5, 0)),
+        ("phase_tanh", np.tanh),
+        ("cardioid", lambda x: np.maximum(x, 0)),
+        ("crelu", lambda x: np.maximum(x, 0)),
+        ("zrelu", lambda x: np.maximum(x, 0)),
+    ],
+)
+def test_real_inputs_give_the_real_counterparts(name, reference):
+    """On a real float32 field each activation is its real counterpart (modReLU:
+    `sign(x) relu(|x| + b)`), real and float32; its gradient is finite at 0."""
+    fns = {
+        "modrelu": lambda x: modrelu(x, -0.5),
+        "modrelu_module": ModReLU(1, init=-0.5),
+        "phase_tanh": phase_tanh,
+        "cardioid": cardioid,
+        "crelu": crelu,
+        "zrelu": zrelu,
+    }
+    x = np.concatenate([np.linspace(-3, 3, 61), [0.0]])[None].astype(np.float32)
+    out = fns[name](jnp.asarray(x))
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), reference(x.astype(np.float64)), atol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(fns[name](x)))(jnp.asarray(x))
+    assert bool(jnp.all(jnp.isfinite(grad)))

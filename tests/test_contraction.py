@@ -58,6 +58,40 @@ def test_norm_at_most_gamma_dense():
     )
 
 
+def test_real_weights_norm_at_most_gamma_dense():
+    """Real weights: the rescaled real map has dense operator norm `gamma` on the reference
+    grid, and `lipschitz_bound` is exact on other grids."""
+    cc = eqx.filter_eval_shape(
+        ContractiveToroidalConv,
+        2,
+        3,
+        3,
+        (1, 2),
+        gamma=0.9,
+        norm_grid=(6, 4),
+        dtype=jnp.float64,
+        key=jax.random.PRNGKey(0),
+    )
+    weight = np.random.default_rng(1).standard_normal(cc.conv.weight.shape)
+    cc = eqx.tree_at(lambda c: c.conv.weight, cc, jnp.asarray(weight))
+
+    @eqx.filter_jit
+    def dense_and_bound(cc, h, w):
+        normed = cc.normalised()
+        n = cc.in_channels * h * w
+        basis = jnp.eye(n, dtype=jnp.float64).reshape(n, cc.in_channels, h, w)
+        cols = jax.vmap(lambda e: normed(e, impl="direct").reshape(-1))(basis)
+        return cols.T, cc.lipschitz_bound(h, w)
+
+    for h, w in [(6, 4), (3, 5)]:
+        dense, bound = dense_and_bound(cc, h, w)
+        assert dense.dtype == jnp.float64
+        norm = np.linalg.svd(np.asarray(dense), compute_uv=False)[0]
+        np.testing.assert_allclose(float(bound), norm, rtol=1e-10)
+        if (h, w) == (6, 4):
+            np.testing.assert_allclose(norm, 0.9, rtol=1e-10)
+
+
 def test_small_kernel_unchanged_and_grad():
     cc = _contractive(0.5, (6, 6), seed=1, scale=1e-3)
     np.testing.assert_allclose(np.asarray(cc.normalised().weight), np.asarray(cc.conv.weight))

@@ -223,8 +223,8 @@ def test_bad_input():
         ToroidalConv(2, 2, 3, (0,), key=key)
     with pytest.raises(ValueError, match="impl"):
         ToroidalConv(2, 2, 3, impl="fft", key=key)
-    with pytest.raises(TypeError, match="complex"):
-        ToroidalConv(2, 2, 3, dtype=jnp.float32, key=key)
+    with pytest.raises(TypeError, match="complex or real floating"):
+        ToroidalConv(2, 2, 3, dtype=jnp.int32, key=key)
     conv = eqx.filter_eval_shape(ToroidalConv, 2, 3, 3, key=key)
     with pytest.raises(ValueError, match="shape"):
         conv(np.zeros((1, 2, 5, 5), np.complex64))
@@ -235,6 +235,62 @@ def test_bad_input():
     op = eqx.filter_eval_shape(conv.operator, 5, 5)
     with pytest.raises(ValueError, match="grid"):
         eqx.filter_eval_shape(op, np.zeros((2, 6, 5), np.complex64))
+
+
+def _real_conv(cin, cout, k, dilations, seed=0):
+    conv = eqx.filter_eval_shape(
+        ToroidalConv, cin, cout, k, dilations, dtype=jnp.float64, key=jax.random.PRNGKey(0)
+    )
+    rng = np.random.default_rng(seed)
+    return eqx.tree_at(
+        lambda m: m.weight, conv, jnp.asarray(rng.standard_normal(conv.weight.shape))
+    )
+
+
+@pytest.mark.parametrize(
+    "k,dilations,cin,cout,h,w", [(3, (1,), 2, 3, 4, 5), (3, (1, 2), 3, 2, 6, 6)]
+)
+def test_real_weights_map_real_fields_with_exact_norm_and_transpose(k, dilations, cin, cout, h, w):
+    """Real weights: every implementation gives the real correlation (odd and even widths for
+    `irfft2`), the operator norm is the dense real matrix's, the VJP is its transpose."""
+    conv = _real_conv(cin, cout, k, dilations, seed=7)
+    assert conv.real
+    rng = np.random.default_rng(8)
+    z = rng.standard_normal((cin, h, w))
+    ref = _reference(np.asarray(conv.weight), dilations, z)
+    for out in _apply_all(conv, jnp.asarray(z)):
+        assert out.dtype == jnp.float64 and out.shape == (cout, h, w)
+        np.testing.assert_allclose(np.asarray(out), ref.real, rtol=1e-10, atol=1e-10)
+    ct = rng.standard_normal((cout, h, w))
+
+    @eqx.filter_jit
+    def dense_norm_and_vjps(conv, z, ct):
+        n = cin * h * w
+        basis = jnp.eye(n, dtype=jnp.float64).reshape(n, cin, h, w)
+        cols = jax.vmap(lambda e: conv(e, impl="direct").reshape(-1))(basis)
+        vjps = [
+            jax.vjp(lambda z, i=i: conv(z, impl=i), z)[1](ct)[0] for i in ("direct", "spectral")
+        ]
+        return cols.T, conv.operator_norm(h, w), vjps
+
+    dense, norm, vjps = dense_norm_and_vjps(conv, jnp.asarray(z), jnp.asarray(ct))
+    assert dense.dtype == jnp.float64
+    np.testing.assert_allclose(float(norm), np.linalg.svd(dense, compute_uv=False)[0], rtol=1e-10)
+    for gz in vjps:
+        np.testing.assert_allclose(np.asarray(gz).reshape(-1), dense.T @ ct.reshape(-1), atol=1e-10)
+    with pytest.raises(TypeError, match="real weights"):
+        conv(jnp.asarray(_crandn(rng, cin, h, w)))
+    with pytest.raises(ValueError, match="planar"):
+        conv.planar_operator(h, w)
+
+
+def test_real_init_has_the_complex_init_second_moment():
+    conv = eqx.filter_jit(ToroidalConv)(
+        16, 16, 3, (1, 2, 4), dtype=jnp.float32, key=jax.random.PRNGKey(0)
+    )
+    assert conv.weight.dtype == jnp.float32
+    var = float(np.mean(np.asarray(conv.weight) ** 2))
+    assert abs(var - 2 / (27 * 32)) / (2 / (27 * 32)) < 0.05
 
 
 #

@@ -10,7 +10,7 @@ import jax.random as jr
 import numpy as np
 import optax
 import pytest
-from _reference import to_float64
+from _reference import np_correlate, to_float64
 
 import fractal_field as ff
 
@@ -119,7 +119,11 @@ def _tight_tiny(rtol: float, **overrides):
     )
 
 
-@pytest.mark.parametrize("overrides", [{}, {"scales": 2, "channels": (4, 6)}], ids=["one", "two"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"scales": 2, "channels": (4, 6)}, {"field": "real", "channels": 6}],
+    ids=["one", "two", "real"],
+)
 def test_whole_model_gradient_matches_finite_differences(overrides):
     with jax.enable_x64(True):
         model = _tight_tiny(1e-12, **overrides)
@@ -405,23 +409,33 @@ def _encoder_reference(enc, x):
     c, hh, ww = h.shape
     p = enc.pool
     h = h.reshape(c, hh // p, p, ww // p, p).mean((2, 4))
+    if enc.field == "real":
+        return h
     z = jax.lax.complex(h[: c // 2], h[c // 2 :])
     return z if enc.theta is None else z * jnp.exp(1j * enc.theta)[:, None, None]
 
 
 @pytest.mark.parametrize(
-    "hidden, pool, phase",
-    [(0, 1, "none"), (6, 2, "learned"), (0, 2, "learned"), (5, 3, "none")],
+    "hidden, pool, phase, field",
+    [
+        (0, 1, "none", "complex"),
+        (6, 2, "learned", "complex"),
+        (0, 2, "learned", "complex"),
+        (5, 3, "none", "complex"),
+        (0, 2, "none", "real"),
+    ],
 )
-def test_encoder_matches_reference(hidden, pool, phase):
+def test_encoder_matches_reference(hidden, pool, phase, field):
     """The encoder's fused convolution-and-pooling (one strided convolution) against convolving
     at full resolution and pooling, per image and batched, values and gradients."""
-    enc = ff.Encoder(3, 4, pool=pool, hidden=hidden, phase=phase, key=jr.PRNGKey(0))
+    enc = ff.Encoder(3, 4, pool=pool, hidden=hidden, phase=phase, field=field, key=jr.PRNGKey(0))
     x = jr.normal(jr.PRNGKey(1), (5, 3, 6, 12))
     ref = jax.vmap(lambda xi: _encoder_reference(enc, xi))(x)
     np.testing.assert_allclose(enc.batched(x), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jax.vmap(enc)(x), ref, rtol=1e-5, atol=1e-5)
-    ct = jr.normal(jr.PRNGKey(2), (5, 4, 6 // pool, 12 // pool), jnp.complex64)
+    dtype = jnp.float32 if field == "real" else jnp.complex64
+    assert enc.batched(x).dtype == dtype
+    ct = jr.normal(jr.PRNGKey(2), (5, 4, 6 // pool, 12 // pool), dtype)
 
     def loss(e, fn):
         return jnp.real(jnp.vdot(ct, fn(e, x)))
@@ -531,3 +545,106 @@ def test_precision_errors():
     config = ff.load_config(f"{CONFIG}:smoke", ["model.precision=half"])
     with pytest.raises(ValueError, match="'bfloat16'"):
         build_model(config, key=jr.PRNGKey(0))
+
+
+#
+# The real-valued twin (`field="real"`).
+#
+
+
+@pytest.mark.parametrize("solver", [ff.Naive(), ff.Anderson()], ids=["naive", "anderson"])
+def test_real_twin_is_real_and_solves_its_real_map(solver):
+    """All parameters, the injection and the equilibrium are real; the equilibrium is a fixed
+    point of the real map (an independent NumPy step: real correlation, `sign(u) relu(|u| +
+    b)`, relaxation) and the logits are the readout of `|z|` and `z` (NumPy reference)."""
+    model = ff.make_model(
+        "tiny",
+        key=jr.PRNGKey(0),
+        field="real",
+        channels=6,
+        phase_features=True,
+        solver=solver,
+        rtol=1e-5,
+        atol=0.0,
+        max_steps=200,
+    )
+    # A large raw kernel (the normalisation active) and a negative bias (modReLU nonlinear).
+    model = eqx.tree_at(
+        lambda m: (m.cell.conv.conv.weight, m.cell.act.bias),
+        model,
+        (10 * model.cell.conv.conv.weight, jnp.full((6,), -0.05)),
+    )
+    leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
+    assert leaves and not any(jnp.iscomplexobj(x) for x in leaves)
+    x = jr.normal(jr.PRNGKey(1), (3, 1, 8, 8))
+    fn = eqx.filter_jit(lambda m, x: (jax.vmap(m)(x), jax.vmap(m.encoder)(x), m.cell.normalized()))
+    (logits, sol), inj, cell = fn(model, x)
+    assert sol.value.dtype == inj.dtype == jnp.float32
+    assert bool(jnp.all(sol.result == ff.RESULTS.successful))
+    assert float(model.cell.lipschitz_bound(8, 8)) <= 0.5 + 0.5 * 0.9 + 1e-6
+    w = np.asarray(cell.conv.weight[0], np.float64)
+    b = np.minimum(np.asarray(model.cell.act.bias, np.float64), 0)[:, None, None]
+    lin = model.readout.linear
+    for z, u0, out in zip(np.asarray(sol.value, np.float64), np.asarray(inj), logits, strict=True):
+        u = np_correlate(w, z).real + u0
+        step = 0.5 * z + 0.5 * np.sign(u) * np.maximum(np.abs(u) + b, 0)
+        assert np.linalg.norm(step - z) <= 1e-4 * np.linalg.norm(z)
+        f = np.concatenate([np.sqrt(z**2 + 1e-12), z])  # (12, 8, 8) -> 2 x 2 bins of 4 x 4
+        pooled = f.reshape(12, 2, 4, 2, 4).mean((2, 4)).reshape(-1)
+        want = np.asarray(lin.weight, np.float64) @ pooled + np.asarray(lin.bias)
+        np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-5)
+
+
+def _count(preset, **kwargs):
+    return ff.count_params(
+        eqx.filter_eval_shape(ff.make_model, preset, key=jr.PRNGKey(0), **kwargs)
+    )
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("nano", 38),
+        ("cifar_small", 92),
+        ({"preset": "cifar_small", "stem": 32, "batch_solve": "planar"}, 96),
+    ],
+)
+def test_equal_params_channels_is_the_closest_real_count(spec, expected):
+    c = ff.equal_params_channels(spec)
+    assert c == expected
+    kwargs = dict(spec) if isinstance(spec, dict) else {"preset": spec}
+    preset = kwargs.pop("preset")
+    target = _count(preset, **kwargs)
+    kwargs.pop("batch_solve", None)
+    gaps = [
+        abs(_count(preset, **kwargs, field="real", channels=n) - target) for n in (c - 1, c, c + 1)
+    ]
+    assert gaps[1] <= min(gaps[0], gaps[2]) and gaps[1] <= 0.02 * target
+    if spec == "nano":  # 9 c^2 (cell) + 10 c (encoder) + c (bias) + 160 c + 10 (readout)
+        assert _count("nano", field="real", channels=c) == 9 * c**2 + 171 * c + 10
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"scales": 2}, "scales=2"),
+        ({"batch_solve": "planar"}, "batch_solve='planar'"),
+        ({"symmetric": True}, "symmetric=True"),
+        ({"norm_groups": 2}, "norm_groups=2"),
+        ({"phase": "learned"}, "phase='learned'"),
+        ({"field": "reel"}, "'complex' or 'real'"),
+    ],
+)
+def test_real_twin_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ff.make_model("tiny", key=jr.PRNGKey(0), **{"field": "real", **overrides})
+
+
+def test_real_twin_refuses_complex_fields_and_the_planar_solve():
+    model = eqx.filter_eval_shape(ff.make_model, "tiny", key=jr.PRNGKey(0), field="real")
+    with pytest.raises(ValueError, match="solve_planar"):
+        model.solve_planar(jnp.zeros((2, 1, 8, 8)))
+    with pytest.raises(TypeError, match="real field"):
+        model.readout(jnp.zeros((4, 8, 8), jnp.complex64))
+    with pytest.raises(ValueError, match="single field"):
+        ff.equal_params_channels("tiny", scales=2)

@@ -121,6 +121,24 @@ def test_multiscale_training_checkpoints_and_reloads(tmp_path):
     np.testing.assert_allclose(loaded.batched(x)[0], summary["model"].batched(x)[0], rtol=1e-6)
 
 
+def test_real_twin_smoke_training_checkpoints_and_reloads(tmp_path):
+    """The real-valued twin (`model.field=real`) trains through the script's path; its
+    checkpoint rebuilds the same real model in one call."""
+    config = ff.load_config(
+        SMOKE,
+        ["model.field=real", "model.channels=6", "epochs=1", "data.train_size=64"],
+    )
+    summary = ff.train(config, tmp_path, progress=False)
+    rows = _steps(tmp_path)
+    assert len(rows) == 64 // 32 and rows[-1]["bwd_steps"] > 0
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    loaded = ff.load_model(tmp_path / "checkpoints" / "last.eqx")
+    assert loaded.field == "real" and loaded.cell.channels == 6
+    assert not any(np.iscomplexobj(a) for a in _params(loaded))
+    # The same structure (static fields included) and bit-identical arrays.
+    assert bool(eqx.tree_equal(loaded, summary["model"]))
+
+
 @pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     config = ff.load_config(SMOKE, ["epochs=2"])
@@ -929,6 +947,8 @@ def test_pretraining_steps_then_the_solver_and_resume_across_the_switch(tmp_path
     [
         ({"preset": "nano"}, {"preset": "nano", "precision": "float32"}, True),  # a new default
         ({"preset": "nano", "field_dropout": 0.0}, {"preset": "nano"}, True),
+        ({"preset": "nano"}, {"preset": "nano", "field": "complex"}, True),
+        ({"preset": "nano"}, {"preset": "nano", "field": "real"}, False),
         ({"preset": "nano"}, {"preset": "nano", "precision": "bfloat16"}, False),
         ({"preset": "nano", "stem": 8}, {"preset": "nano"}, False),
         ({"preset": "nano"}, {"preset": "nano", "no_such_option": 1}, False),
@@ -979,6 +999,8 @@ def test_build_solver_and_adjoint_from_config():
         ("cifar10_small.py:multiscale", 170_000),
         ("cifar10_small.py:expanded", 170_000),
         ("cifar10_small.py:mdeq", 170_000),
+        ("mnist_nano.py:real", 20_000),
+        ("cifar10_small.py:real", 170_000),
     ],
 )
 def test_config_models_stay_within_their_parameter_budget(spec, budget):
@@ -988,6 +1010,31 @@ def test_config_models_stay_within_their_parameter_budget(spec, budget):
     shapes = eqx.filter_eval_shape(build_model, config, key=jax.random.PRNGKey(0))
     n = ff.count_params(shapes)
     assert 0.5 * budget < n < budget
+
+
+@pytest.mark.parametrize("name, real_channels", [("mnist_nano.py", 38), ("cifar10_small.py", 96)])
+def test_real_config_is_the_default_at_equal_parameters(name, real_channels):
+    """`:real` changes only the field, its channels (`ff.equal_params_channels`) and, where
+    the default solves in the planar layout, the batch solve; counts within 2%."""
+    from fractal_field._train import build_model
+
+    default = ff.load_config(str(ROOT / "configs" / name))
+    real = ff.load_config(str(ROOT / "configs" / name) + ":real")
+    d, r = default.to_dict(), real.to_dict()
+    dm, rm = d.pop("model"), r.pop("model")
+    assert d == r
+    assert {k for k in set(dm) | set(rm) if dm.get(k) != rm.get(k)} <= {
+        "field",
+        "channels",
+        "batch_solve",
+    }
+    assert rm["field"] == "real" and rm["channels"] == real_channels
+    assert ff.equal_params_channels(dm) == real_channels
+    n_complex, n_real = (
+        ff.count_params(eqx.filter_eval_shape(build_model, c, key=jax.random.PRNGKey(0)))
+        for c in (default, real)
+    )
+    assert abs(n_real / n_complex - 1) < 0.02
 
 
 @pytest.mark.slow
