@@ -23,7 +23,7 @@ def test_exported_logits_equal_jax(solver):
         ff.export_classifier(model, (4, 3, 8, 8))
 
 
-@pytest.mark.parametrize("solver", [ff.Naive(), ff.Anderson()])
+@pytest.mark.parametrize("solver", [ff.Naive(), ff.Anderson(), ff.Broyden()])
 def test_onnx_logits_equal_jax(solver, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("jax2onnx")
