@@ -990,6 +990,7 @@ def test_fn_that_fails_to_trace_is_reported():
         (lambda: ff.Broyden(step_size=1.5), "step_size"),
         (lambda: ff.Broyden(max_step_ratio=0.5), "max_step_ratio"),
         (lambda: ff.Broyden(inner_product="imaginary"), "inner_product"),
+        (lambda: ff.Broyden(when_full="grow"), "when_full"),
         (lambda: ff.PhantomAdjoint(steps=0), "steps"),
         (lambda: ff.PhantomAdjoint(damping=0.0), "damping"),
     ],

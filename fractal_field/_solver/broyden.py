@@ -83,7 +83,8 @@ class Broyden(AbstractFixedPointSolver):
     - `when_full`: what the update after `memory` updates does. `"restart"` drops them all and
       starts again from `H = -I` with the newest secant pair (no step is lost). `"overwrite"`
       replaces the oldest, as DEQ/MDEQ do; the estimate is then no longer Broyden's, and on the
-      MNIST model it diverged at `rtol=1e-5` where `"restart"` converged (see the docs).
+      trained MNIST model 36 of 64 per-sample solves at `rtol=1e-5` failed with it (none with
+      `"restart"`).
     - `step_size`: damping of the Broyden step, in (0, 1]; 1 (no line search) as in DEQ.
     - `max_step_ratio`: a step longer than `max_step_ratio * ||g(z)||`, or a non-finite one,
       is replaced by a plain step and the memory restarts; so does an update with a zero or
