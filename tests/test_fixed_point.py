@@ -335,36 +335,18 @@ def test_broyden_linear_map_exact_in_2n_steps(kind, n, inner_product):
     assert _is(sol.result, ff.RESULTS.successful)
     assert int(sol.stats.num_steps) <= 2 * dim
     np.testing.assert_allclose(np.asarray(sol.value), expected, rtol=0, atol=1e-12)
-    # Naive needs many more steps on this map (spectral norm 0.9).
-    naive = SOLVE(_linear, jnp.zeros(n, a.dtype), args, solver=ff.Naive(), max_steps=500, **TIGHT)
-    assert int(naive.stats.num_steps) > 4 * dim
 
 
-def test_broyden_nonlinear_complex_map():
-    # "real" equals the solver on the real/imaginary split, step by step; "complex" finds the
-    # same fixed point as Naive.
-    kw = dict(max_steps=300, rtol=0.0, atol=1e-11, residual_trace=True)
-    real = ff.Broyden(memory=6, inner_product="real")
-    for seed in range(2):
+def test_broyden_nonlinear_complex_map_agrees_with_naive():
+    kw = dict(max_steps=300, rtol=0.0, atol=1e-11)
+    for seed in range(3):
         args, z0 = _nonholomorphic_problem(seed)
         naive = SOLVE(_nonholomorphic, z0, args, solver=ff.Naive(), **kw)
-        sol_c = SOLVE(_nonholomorphic, z0, args, solver=ff.Broyden(memory=6), **kw)
-        sol_r = SOLVE(_nonholomorphic, z0, args, solver=real, **kw)
-        zs = (jnp.real(z0), jnp.imag(z0))
-        sol_s = SOLVE(_nonholomorphic_split, zs, args, solver=real, **kw)
-        for sol in (naive, sol_c, sol_r, sol_s):
-            assert _is(sol.result, ff.RESULTS.successful)
-        for sol in (sol_c, sol_r):
-            np.testing.assert_allclose(np.asarray(sol.value), np.asarray(naive.value), atol=1e-10)
-            assert int(sol.stats.num_steps) < int(naive.stats.num_steps)
-        n = int(sol_r.stats.num_steps)
-        assert int(sol_s.stats.num_steps) == n
-        np.testing.assert_allclose(
-            np.asarray(sol_r.stats.residual_trace[: n + 1]),
-            np.asarray(sol_s.stats.residual_trace[: n + 1]),
-            rtol=1e-6,
-            atol=1e-12,
-        )
+        sol = SOLVE(_nonholomorphic, z0, args, solver=ff.Broyden(memory=6), **kw)
+        assert _is(naive.result, ff.RESULTS.successful) and _is(sol.result, ff.RESULTS.successful)
+        np.testing.assert_allclose(np.asarray(sol.value), np.asarray(naive.value), atol=1e-10)
+        assert _residual(_nonholomorphic, sol.value, args) <= 1e-11
+        assert int(sol.stats.num_steps) <= int(naive.stats.num_steps)
 
 
 def _np_broyden(fn, z0, args, steps, memory, when_full, real, step_size):
@@ -403,7 +385,6 @@ def _np_broyden(fn, z0, args, steps, memory, when_full, real, step_size):
     [
         ("restart", "complex", 1.0),
         ("overwrite", "complex", 1.0),
-        ("restart", "real", 1.0),
         ("restart", "complex", 0.7),
     ],
 )
@@ -471,12 +452,11 @@ def test_broyden_safeguard_restarts(fn, max_step_ratio, restarts, exact_from):
             assert np.all(np.isfinite(np.asarray(leaf)))
 
 
-@pytest.mark.parametrize("role", ["forward", "backward"])
-def test_broyden_implicit_gradient_matches_finite_differences(role):
+def test_broyden_implicit_gradient_matches_finite_differences():
+    # Broyden for the forward solve and for the adjoint's linear backward solve.
     args, z0 = _nonholomorphic_problem(5, n=3)
     tol = dict(rtol=0.0, atol=1e-12, max_steps=300)
-    forward = ff.Broyden() if role == "forward" else ff.Naive()
-    backward = ff.Broyden() if role == "backward" else ff.Anderson()
+    forward = backward = ff.Broyden()
 
     def loss(b):
         sol = ff.fixed_point(
