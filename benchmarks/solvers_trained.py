@@ -56,6 +56,7 @@ def solvers(layout: str, grid: int) -> dict:
         "naive": ff.Naive(),
         "anderson5": ff.Anderson(history=5),
         "anderson3": ff.Anderson(history=3),
+        "broyden": ff.Broyden(memory=10),
     }
     if layout == "per_sample":  # the planar layout needs a solver that stays on one grid
         out["multigrid"] = ff.Multigrid(levels=_levels(grid))

@@ -91,6 +91,7 @@ from ._solution import RESULTS as RESULTS, Solution as Solution, Stats as Stats
 from ._solver import (
     AbstractFixedPointSolver as AbstractFixedPointSolver,
     Anderson as Anderson,
+    Broyden as Broyden,
     Multigrid as Multigrid,
     Naive as Naive,
     Reversible as Reversible,

@@ -26,9 +26,11 @@ def _check_model(model) -> None:
 def _settings(model, solver, max_steps, rtol, atol):
     solver = model.solver if solver is None else solver
     if not isinstance(solver, AbstractFixedPointSolver):
-        raise TypeError(f"solver must be an ff solver (Naive, Anderson), got {solver!r}.")
+        raise TypeError(f"solver must be an ff solver (Naive, Anderson, Broyden), got {solver!r}.")
     if getattr(solver, "resolution_agnostic", False):
-        raise ValueError(f"{type(solver).__name__} is not supported here: use Naive or Anderson.")
+        raise ValueError(
+            f"{type(solver).__name__} is not supported here: use Naive, Anderson or Broyden."
+        )
     max_steps = model.max_steps if max_steps is None else int(max_steps)
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}.")

@@ -15,7 +15,7 @@ from jax import export as jax_export
 from ._cell import FractalCell
 from ._model import FieldClassifier
 from ._real_pairs import real_pairs
-from ._solver import Anderson, Naive
+from ._solver import Anderson, Broyden, Naive
 
 
 def export_classifier(
@@ -75,13 +75,13 @@ def export_onnx(
     `Loop` with the same stopping test as in JAX). ONNX Runtime has almost no complex kernels, so
     the traced model is replayed with every complex value as a real/imaginary pair (FFTs as
     products with DFT matrices, Anderson's small complex solve as a real one) and that real
-    program is converted by `jax2onnx`. Solvers: `ff.Naive` and `ff.Anderson`. Needs the
-    `export` extra (`pip install fractal-field[export]`).
+    program is converted by `jax2onnx`. Solvers: `ff.Naive`, `ff.Anderson` and `ff.Broyden`.
+    Needs the `export` extra (`pip install fractal-field[export]`).
     """
     logits, shape = _logits_fn(model, shape, "export_onnx")
-    if type(model.solver) not in (Naive, Anderson):
+    if type(model.solver) not in (Naive, Anderson, Broyden):
         raise ValueError(
-            f"export_onnx supports the Naive and Anderson solvers, got "
+            f"export_onnx supports the Naive, Anderson and Broyden solvers, got "
             f"{type(model.solver).__name__}; set `model = eqx.tree_at(lambda m: m.solver, "
             "model, ff.Anderson())` first."
         )

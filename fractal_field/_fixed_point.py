@@ -202,7 +202,8 @@ def fixed_point(
     - `fn(z, args) -> z'`: same pytree structure, shapes and dtypes as `z0` (real or complex
       leaves). Parameters may enter through `args`, as `fn` being an `eqx.Module`, or by
       closure.
-    - `solver`: `ff.Naive`, `ff.Anderson` (default), `ff.Multigrid` or `ff.Reversible`.
+    - `solver`: `ff.Naive`, `ff.Anderson` (default), `ff.Broyden`, `ff.Multigrid` or
+      `ff.Reversible`.
     - `adjoint`: how to differentiate; `ff.ImplicitAdjoint()` (default), `ff.PhantomAdjoint`,
       `ff.JacobianFreeAdjoint`, `ff.UnrolledAdjoint`, `ff.ReversibleAdjoint` (with
       `solver=ff.Reversible()`) or `ff.EquilibriumPropagation` (for a `fn` that is an

@@ -718,7 +718,7 @@ def _check_multiscale_solver(solver) -> None:
     if getattr(solver, "resolution_agnostic", False):
         raise ValueError(
             f"{type(solver).__name__} solves a single field across resolutions; a multi-scale "
-            "field (scales > 1) needs a single-grid solver (Anderson, Naive)."
+            "field (scales > 1) needs a single-grid solver (Anderson, Broyden, Naive)."
         )
 
 

@@ -43,7 +43,7 @@ from ._distributed import ProcessWatch, check_processes_agree
 from ._equilibrium import EquilibriumPropagation
 from ._model import FieldClassifier, count_params, make_model, param_summary
 from ._solution import RESULTS
-from ._solver import Anderson, Naive, Reversible
+from ._solver import Anderson, Broyden, Naive, Reversible
 from .data import (
     ArrayDataset,
     ShardedDataset,
@@ -66,6 +66,7 @@ def _multigrid(**kwargs):
 
 _SOLVERS = {
     "anderson": Anderson,
+    "broyden": Broyden,
     "naive": Naive,
     "multigrid": _multigrid,
     "reversible": Reversible,
@@ -90,8 +91,8 @@ def _build(kind: str, table: dict, cfg):
 
 
 def build_solver(cfg) -> Any:
-    """`{"name": "anderson" | "naive" | "multigrid" | "reversible", **hyperparameters}` -> a
-    solver."""
+    """`{"name": "anderson" | "broyden" | "naive" | "multigrid" | "reversible",
+    **hyperparameters}` -> a solver."""
     name, kwargs = _build("solver", _SOLVERS, cfg)
     return _SOLVERS[name](**kwargs)
 

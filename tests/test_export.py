@@ -23,7 +23,7 @@ def test_exported_logits_equal_jax(solver):
         ff.export_classifier(model, (4, 3, 8, 8))
 
 
-@pytest.mark.parametrize("solver", [ff.Naive(), ff.Anderson()])
+@pytest.mark.parametrize("solver", [ff.Naive(), ff.Anderson(), ff.Broyden()])
 def test_onnx_logits_equal_jax(solver, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("jax2onnx")
@@ -45,7 +45,7 @@ def test_onnx_logits_equal_jax(solver, tmp_path):
 
 def test_onnx_export_errors():
     model = ff.make_model("tiny", key=jr.PRNGKey(0), solver=ff.Multigrid())
-    with pytest.raises(ValueError, match="Naive and Anderson"):
+    with pytest.raises(ValueError, match="Naive, Anderson and Broyden"):
         ff.export_onnx(model, (4, 1, 8, 8))
     with pytest.raises(ValueError, match="shape must be"):
         ff.export_onnx(model, (4, 8, 8))

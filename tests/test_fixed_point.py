@@ -27,6 +27,7 @@ SOLVERS = {
     "naive_damped": ff.Naive(damping=0.5),
     "anderson_complex": ff.Anderson(),
     "anderson_real": ff.Anderson(coefficients="real"),
+    "broyden": ff.Broyden(),
 }
 SOLVER_PARAMS = pytest.mark.parametrize("solver", list(SOLVERS.values()), ids=list(SOLVERS))
 
@@ -137,7 +138,8 @@ def test_linear_map_matches_linear_solve(kind, solver):
     np.testing.assert_allclose(float(sol.stats.relative_residual), res / fnorm, rtol=1e-6)
     assert float(sol.stats.residual) <= 1e-12
     _assert_tree_close(sol.value, fn(last.value, args), 1e-14)
-    assert _residual(fn, sol.value, args) < res
+    # (Broyden can land exactly on the fixed point of a small linear map: then both are 0.)
+    assert _residual(fn, sol.value, args) < res or res == 0.0
     # One map evaluation before the loop plus one per step.
     assert float(sol.stats.num_fn_evals) == n + 1
     assert sol.stats.residual_trace is None and sol.stats.trajectory is None
@@ -310,6 +312,168 @@ def test_anderson_collinear_history_is_finite(problem, history, ridge):
     np.testing.assert_allclose(np.asarray(sol.value), np.asarray(expected), atol=1e-10)
 
 
+# ---------------------------------------------------------------------------------------
+# Broyden: finite termination, a dense reference, the safeguard, gradients
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, n, inner_product",
+    [("real", 3, "complex"), ("complex", 3, "complex"), ("complex", 2, "real")],
+)
+def test_broyden_linear_map_exact_in_2n_steps(kind, n, inner_product):
+    # Gay (1979): Broyden's good method on a linear map in d dimensions stops within 2d steps.
+    # With the real inner product a complex-linear map in C^n is a map on R^{2n}.
+    rng = np.random.default_rng(4)
+    cplx = kind == "complex"
+    dim = 2 * n if inner_product == "real" and cplx else n
+    a, b = _matrix(rng, n, 0.9, cplx), _vector(rng, n, cplx)
+    expected = np.linalg.solve(np.eye(n) - a, b)
+    solver = ff.Broyden(memory=2 * dim, inner_product=inner_product)
+    args = (jnp.asarray(a), jnp.asarray(b))
+    sol = SOLVE(_linear, jnp.zeros(n, a.dtype), args, solver=solver, max_steps=100, **TIGHT)
+    assert _is(sol.result, ff.RESULTS.successful)
+    assert int(sol.stats.num_steps) <= 2 * dim
+    np.testing.assert_allclose(np.asarray(sol.value), expected, rtol=0, atol=1e-12)
+
+
+def test_broyden_nonlinear_complex_map_agrees_with_naive():
+    kw = dict(max_steps=300, rtol=0.0, atol=1e-11)
+    for seed in range(3):
+        args, z0 = _nonholomorphic_problem(seed)
+        naive = SOLVE(_nonholomorphic, z0, args, solver=ff.Naive(), **kw)
+        sol = SOLVE(_nonholomorphic, z0, args, solver=ff.Broyden(memory=6), **kw)
+        assert _is(naive.result, ff.RESULTS.successful) and _is(sol.result, ff.RESULTS.successful)
+        np.testing.assert_allclose(np.asarray(sol.value), np.asarray(naive.value), atol=1e-10)
+        assert _residual(_nonholomorphic, sol.value, args) <= 1e-11
+        assert int(sol.stats.num_steps) <= int(naive.stats.num_steps)
+
+
+def _np_broyden(fn, z0, args, steps, memory, when_full, step_size):
+    """Iterates of limited-memory good Broyden, with `H = -I + sum u v^H` as a list of pairs:
+    when full, "restart" empties it before the update, "overwrite" drops the oldest after."""
+    ip = np.vdot  # the conjugate inner product
+
+    def h(x, pairs, adjoint=False):
+        return -x + sum((v if adjoint else u) * ip(u if adjoint else v, x) for u, v in pairs)
+
+    def g_of(z):
+        return np.asarray(fn(jnp.asarray(z), args)) - z
+
+    z = np.asarray(z0)
+    g = g_of(z)
+    d, pairs, out = g, [], [z]
+    for _ in range(steps):
+        dx = step_size * d
+        z_new = z + dx
+        g_new = g_of(z_new)
+        if len(pairs) == memory and when_full == "restart":
+            pairs = []
+        v = h(dx, pairs, adjoint=True)
+        u = (dx - h(g_new - g, pairs)) / ip(v, g_new - g)
+        if len(pairs) == memory:
+            pairs = pairs[1:]
+        pairs.append((u, v))
+        d = -h(g_new, pairs)
+        z, g = z_new, g_new
+        out.append(z)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize(
+    "when_full, step_size", [("restart", 1.0), ("overwrite", 1.0), ("restart", 0.7)]
+)
+def test_broyden_iterates_match_dense_reference(when_full, step_size):
+    args, z0 = _nonholomorphic_problem(6, n=4)
+    steps = 9  # memory 3 fills up twice
+    solver = ff.Broyden(memory=3, when_full=when_full, step_size=step_size)
+    sol = SOLVE(
+        _nonholomorphic,
+        z0,
+        args,
+        solver=solver,
+        max_steps=steps,
+        record_every=1,
+        throw=False,
+        rtol=0.0,
+        atol=0.0,
+    )
+    assert int(sol.stats.num_steps) == steps and int(sol.stats.num_fn_evals) == steps + 1
+    ref = _np_broyden(_nonholomorphic, z0, args, steps, 3, when_full, step_size)
+    np.testing.assert_allclose(np.asarray(sol.stats.trajectory), ref, rtol=0, atol=1e-12)
+    # The second step is not a plain damped one, and the solve makes progress.
+    plain = ref[1] + step_size * (np.asarray(_nonholomorphic(jnp.asarray(ref[1]), args)) - ref[1])
+    assert np.abs(ref[2] - plain).max() > 1e-3
+    assert _residual(_nonholomorphic, ref[-1], args) < 1e-3 * _residual(_nonholomorphic, z0, args)
+
+
+def _plus_one(z, _):
+    return z + 1.0
+
+
+def _slow_affine(z, _):
+    return 0.9999 * z + 1.0
+
+
+@pytest.mark.parametrize(
+    "fn, max_step_ratio, restarts, exact_from",
+    [
+        (_plus_one, 1e3, [1, 2, 3, 4], None),  # g constant: every update divides by zero
+        (_slow_affine, 1e3, [0, 1, 2, 3], None),  # Newton steps of 1e4 |g|: rejected
+        (_slow_affine, 1e5, [0, 0], 1),  # accepted: one secant pair is exact for a * I
+    ],
+    ids=["zero_denominator", "huge_step", "accepted_step"],
+)
+def test_broyden_safeguard_restarts(fn, max_step_ratio, restarts, exact_from):
+    # A restart takes a plain step: the iterates are Naive's until a Broyden step is taken.
+    solver = ff.Broyden(memory=3, max_step_ratio=max_step_ratio)
+    y = jnp.zeros(2)
+    fy = fn(y, None)
+    state = solver.init(fn, y, fy, None)
+    z = np.zeros(2)
+    for k, expected in enumerate(restarts):
+        y, fy, state, work = solver.step(fn, y, fy, None, state)
+        assert work == 1.0
+        assert int(state.restarts) == expected, k
+        z = np.asarray(fn(z, None))
+        if exact_from is not None and k >= exact_from:
+            np.testing.assert_allclose(np.asarray(y), 1e4, rtol=1e-10)
+        else:
+            np.testing.assert_allclose(np.asarray(y), z, rtol=1e-14)
+        for leaf in jax.tree.leaves(state):
+            assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_broyden_implicit_gradient_matches_finite_differences():
+    # Broyden for the forward solve and for the adjoint's linear backward solve.
+    args, z0 = _nonholomorphic_problem(5, n=3)
+    tol = dict(rtol=0.0, atol=1e-12, max_steps=300)
+    forward = backward = ff.Broyden()
+
+    def loss(b):
+        sol = ff.fixed_point(
+            _nonholomorphic,
+            z0,
+            (args[0], b),
+            solver=forward,
+            adjoint=ff.ImplicitAdjoint(solver=backward, **tol),
+            **tol,
+        )
+        return jnp.sum(jnp.abs(sol.value - 0.3) ** 2)
+
+    b = args[1]
+    grad = jax.jit(jax.grad(loss))(b)
+    # Central differences along random complex directions: JAX's gradient of a real loss
+    # is d loss / d Re(b) - i d loss / d Im(b), so d loss = Re sum(grad * db).
+    f = jax.jit(loss)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        db = jnp.asarray(_vector(rng, b.shape, True))
+        eps = 1e-6
+        fd = (float(f(b + eps * db)) - float(f(b - eps * db))) / (2 * eps)
+        np.testing.assert_allclose(float(jnp.real(jnp.sum(grad * db))), fd, rtol=1e-6)
+
+
 @SOLVER_PARAMS
 def test_already_converged_start_takes_zero_steps(solver):
     z0 = jnp.full(3, 2.0)
@@ -327,7 +491,8 @@ def test_exactly_converging_map_does_not_nan(solver):
     assert _is(sol.result, ff.RESULTS.successful)
     assert np.all(np.isfinite(np.asarray(sol.value)))
     np.testing.assert_allclose(np.asarray(sol.value), np.zeros(3), atol=1e-12)
-    if (solver.damping if isinstance(solver, ff.Naive) else solver.mixing) == 1:
+    damping = {ff.Naive: "damping", ff.Anderson: "mixing", ff.Broyden: "step_size"}
+    if getattr(solver, damping[type(solver)]) == 1:
         assert int(sol.stats.num_steps) <= 2
 
 
@@ -442,8 +607,13 @@ def _sequential(solve, *xs):
 
 @pytest.mark.parametrize(
     "solver, batched_z0",
-    [(ff.Naive(), True), (ff.Anderson(history=3), False), (ff.Anderson(mixing=0.7), True)],
-    ids=["naive", "anderson_shared_z0", "anderson_damped"],
+    [
+        (ff.Naive(), True),
+        (ff.Anderson(history=3), False),
+        (ff.Anderson(mixing=0.7), True),
+        (ff.Broyden(memory=4), True),
+    ],
+    ids=["naive", "anderson_shared_z0", "anderson_damped", "broyden"],
 )
 def test_vmapped_solve_equals_sequential_solves(solver, batched_z0):
     # The batched loop freezes finished samples but lets their solver state run on: every
@@ -787,6 +957,12 @@ def test_fn_that_fails_to_trace_is_reported():
         (lambda: ff.Anderson(mixing=1.1), "mixing"),
         (lambda: ff.Anderson(ridge=-1e-3), "ridge"),
         (lambda: ff.Anderson(coefficients="imaginary"), "coefficients"),
+        (lambda: ff.Broyden(memory=0), "memory"),
+        (lambda: ff.Broyden(step_size=0.0), "step_size"),
+        (lambda: ff.Broyden(step_size=1.5), "step_size"),
+        (lambda: ff.Broyden(max_step_ratio=0.5), "max_step_ratio"),
+        (lambda: ff.Broyden(inner_product="imaginary"), "inner_product"),
+        (lambda: ff.Broyden(when_full="grow"), "when_full"),
         (lambda: ff.PhantomAdjoint(steps=0), "steps"),
         (lambda: ff.PhantomAdjoint(damping=0.0), "damping"),
     ],
@@ -794,6 +970,11 @@ def test_fn_that_fails_to_trace_is_reported():
 def test_invalid_hyperparameters(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_broyden_memory_must_be_an_int():
+    with pytest.raises(TypeError, match="memory must be an int"):
+        ff.Broyden(memory=2.5)
 
 
 @pytest.mark.parametrize(

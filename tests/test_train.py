@@ -980,6 +980,9 @@ def test_build_solver_and_adjoint_from_config():
     adj = build_adjoint({"name": "implicit", "solver": {"name": "naive"}, "max_steps": 7})
     assert isinstance(adj.solver, ff.Naive) and adj.max_steps == 7
     assert build_solver({"name": "reversible", "beta": 0.3}) == ff.Reversible(0.3)
+    broyden = {"name": "broyden", "memory": 4, "inner_product": "real"}
+    assert build_solver(broyden) == ff.Broyden(memory=4, inner_product="real")
+    assert build_adjoint({"name": "implicit", "solver": broyden}).solver.memory == 4
     assert isinstance(build_adjoint({"name": "reversible"}), ff.ReversibleAdjoint)
     ep = build_adjoint({"name": "ep", "beta": 0.2, "solver": {"name": "naive"}})
     assert ep.beta == 0.2 and isinstance(ep.solver, ff.Naive)

@@ -1,5 +1,6 @@
 from .anderson import Anderson as Anderson
 from .base import AbstractFixedPointSolver as AbstractFixedPointSolver
+from .broyden import Broyden as Broyden
 from .multigrid import Multigrid as Multigrid
 from .naive import Naive as Naive
 from .reversible import Reversible as Reversible
