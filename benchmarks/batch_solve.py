@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import fractal_field as ff  # noqa: E402
+from fractal_field._provenance import provenance  # noqa: E402
 from fractal_field._train import (  # noqa: E402
     build_model,
     build_optimizer,
@@ -71,13 +71,12 @@ def _case(config_path: str, adjoint: str, layout: str, data_dir, overrides=()):
 
 def write_results(path: str | Path, **fields) -> None:
     """Write `fields` to `path` as JSON, after the device and library versions."""
-    out = dict(
-        device=str(jax.devices()[0].device_kind),
-        platform=platform.platform(),
-        jax=jax.__version__,
-        equinox=eqx.__version__,
+    # The caller's fields win over the provenance (some give their own command or hardware).
+    out = {
+        **provenance("benchmarks/" + Path(sys.argv[0]).name),
+        "device": str(jax.devices()[0].device_kind),
         **fields,
-    )
+    }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=1))
 
