@@ -407,22 +407,15 @@ class FieldClassifier(eqx.Module):
                     "count per scale."
                 )
         if field == "real":
-            options = dict(
-                scales=len(chans),
-                batch_solve=batch_solve,
-                symmetric=symmetric,
-                norm_groups=norm_groups,
-                phase=phase,
+            _only_defaults(
+                "FieldClassifier(field='real') is a single FractalCell field with per-sample "
+                "solves",
+                scales=(len(chans), 1),
+                batch_solve=(batch_solve, "per_sample"),
+                symmetric=(symmetric, False),
+                norm_groups=(norm_groups, 0),
+                phase=(phase, "none"),
             )
-            defaults = dict(
-                scales=1, batch_solve="per_sample", symmetric=False, norm_groups=0, phase="none"
-            )
-            for name, value in options.items():
-                if value != defaults[name]:
-                    raise ValueError(
-                        f"FieldClassifier(field='real') is a single FractalCell field with "
-                        f"per-sample solves; {name}={value!r} is not available."
-                    )
         if len(chans) > 1:
             _check_multiscale_solver(solver)
             for name, value in (("hidden", hidden), ("norm_groups", norm_groups)):
@@ -432,22 +425,15 @@ class FieldClassifier(eqx.Module):
                         f"cell; it is not available with scales={len(chans)}."
                     )
         if symmetric:
-            options = dict(
-                scales=len(chans),
-                hidden=hidden,
-                norm_groups=norm_groups,
-                learn_alpha=learn_alpha,
-                batch_solve=batch_solve,
+            _only_defaults(
+                "FieldClassifier(symmetric=True) supports a single field with per-sample solves "
+                "only",
+                scales=(len(chans), 1),
+                hidden=(hidden, 0),
+                norm_groups=(norm_groups, 0),
+                learn_alpha=(learn_alpha, False),
+                batch_solve=(batch_solve, "per_sample"),
             )
-            defaults = dict(
-                scales=1, hidden=0, norm_groups=0, learn_alpha=False, batch_solve="per_sample"
-            )
-            for name, value in options.items():
-                if value != defaults[name]:
-                    raise ValueError(
-                        f"FieldClassifier(symmetric=True) supports a single field with "
-                        f"per-sample solves only; {name}={value!r} is not available."
-                    )
         else:
             from ._equilibrium import EquilibriumPropagation  # circular import
 
@@ -712,6 +698,14 @@ class FieldClassifier(eqx.Module):
             value, injection, keys
         )
         return jnp.mean(per_image)
+
+
+def _only_defaults(what: str, **options: tuple[Any, Any]) -> None:
+    """Raise `what; name=value is not available` for the first option `name=(value, default)`
+    that is not at its default."""
+    for name, (value, default) in options.items():
+        if value != default:
+            raise ValueError(f"{what}; {name}={value!r} is not available.")
 
 
 def _check_multiscale_solver(solver) -> None:
