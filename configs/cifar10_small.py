@@ -74,16 +74,18 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.model = dict(c.model, channels=32, hidden=96, hidden_activation="crelu")
     elif variant == "mdeq":
         # MDEQ-small's ingredients in the complex toroidal form (Bai, Koltun & Kolter 2020,
-        # `cls_mdeq_TINY.yaml`): an expanded, group-normalised cell (32 -> 96 -> 32 complex
-        # channels, CReLU), variational dropout 0.25 inside the equilibrium, 3,000 steps of
-        # unrolled pretraining (10 iterations), Adam at lr 1e-3 decayed by cosine to 1e-6, 50
-        # epochs, no augmentation (145,482 real parameters). Not yet run at full length.
+        # `cls_mdeq_TINY.yaml`): an expanded, group-normalised, weight-normalised cell
+        # (32 -> 96 -> 32 complex channels, CReLU), variational dropout 0.25 inside the
+        # equilibrium, 3,000 steps of unrolled pretraining (10 iterations), Adam at lr 1e-3
+        # decayed by cosine to 1e-6, 50 epochs, no augmentation (145,610 real parameters).
+        # Not yet run at full length.
         c.model = dict(
             c.model,
             channels=32,
             hidden=96,
             hidden_activation="crelu",
             norm_groups=4,
+            weight_norm=True,
             field_dropout=0.25,
         )
         c.pretrain_steps = 3000

@@ -70,6 +70,9 @@ class FractalCell(eqx.Module):
       is not Lipschitz, so such a cell has no contraction certificate (`lipschitz_bound` is
       `inf`); its fixed point exists (the update is bounded) but need not be unique, and
       solvers may stop unconverged. `ff.jacobian_penalty` helps keep the solves short.
+    - `weight_norm`: weight normalisation (MDEQ's) of the convolutions: each output channel's
+      weights are `gain * v / ||v||` with a learnt `gain`, before the contraction rescaling
+      (`ContractiveToroidalConv(weight_norm=True)`).
     - `dtype=jnp.float32`: a real field, with real convolution weights and the activation's
       real counterpart (modReLU is then `sign(z) relu(|z| + b)`), the same contraction
       certificate; not with `norm_groups` or the planar layout.
@@ -105,6 +108,7 @@ class FractalCell(eqx.Module):
         hidden: int = 0,
         hidden_activation: str | None = None,
         norm_groups: int = 0,
+        weight_norm: bool = False,
         dtype=jnp.complex64,
         key: PRNGKeyArray,
     ):
@@ -138,6 +142,7 @@ class FractalCell(eqx.Module):
                 norm_grid=norm_grid,
                 impl=impl,
                 dtype=dtype,
+                weight_norm=weight_norm,
                 key=ekey,
             )
             self.hidden_act = make_activation(hidden_activation, hidden)
@@ -153,6 +158,7 @@ class FractalCell(eqx.Module):
             norm_grid=norm_grid,
             impl=impl,
             dtype=dtype,
+            weight_norm=weight_norm,
             key=ckey,
         )
         # A small initial gain: with gain 1 the normalised update starts far from contractive

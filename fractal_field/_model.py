@@ -301,7 +301,8 @@ class FieldClassifier(eqx.Module):
     `hidden > 0` expands the cell's convolution to `hidden` channels and back at every step
     (`FractalCell(hidden=...)`), with `hidden_activation` between. `norm_groups > 0`
     group-normalises the cell's linear part (`FractalCell(norm_groups=...)`; no contraction
-    certificate).
+    certificate). `weight_norm=True` weight-normalises the cell's convolutions (MDEQ's;
+    `FractalCell(weight_norm=True)`), under the same contraction certificate.
 
     `scales > 1` makes the field multi-resolution (`ff.MultiScaleCell`): `channels` complex
     channels on each of the `grid`, `grid / 2`, ... tori (or `channels` a tuple, one count per
@@ -359,6 +360,7 @@ class FieldClassifier(eqx.Module):
         hidden: int = 0,
         hidden_activation: str | None = None,
         norm_groups: int = 0,
+        weight_norm: bool = False,
         readout_grid: int = 1,
         phase_features: bool = False,
         readout_hidden: int = 0,
@@ -418,7 +420,8 @@ class FieldClassifier(eqx.Module):
             )
         if len(chans) > 1:
             _check_multiscale_solver(solver)
-            for name, value in (("hidden", hidden), ("norm_groups", norm_groups)):
+            single = dict(hidden=hidden, norm_groups=norm_groups, weight_norm=weight_norm)
+            for name, value in single.items():
                 if value:
                     raise ValueError(
                         f"FieldClassifier({name}={value}) is an option of a single field's "
@@ -431,6 +434,7 @@ class FieldClassifier(eqx.Module):
                 scales=(len(chans), 1),
                 hidden=(hidden, 0),
                 norm_groups=(norm_groups, 0),
+                weight_norm=(weight_norm, False),
                 learn_alpha=(learn_alpha, False),
                 batch_solve=(batch_solve, "per_sample"),
             )
@@ -468,6 +472,7 @@ class FieldClassifier(eqx.Module):
                 hidden=hidden,
                 hidden_activation=hidden_activation,
                 norm_groups=norm_groups,
+                weight_norm=weight_norm,
                 dtype=jnp.float32 if field == "real" else jnp.complex64,
                 **cell_kwargs,
             )

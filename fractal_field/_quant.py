@@ -180,6 +180,8 @@ def quantise(
                 # A hair below `gamma` so that rounding in the check stays inside the bound.
                 factor = layer.gamma / norm * (1 - 1e-6)
                 qconv = eqx.tree_at(lambda c: c.weight.scale, qconv, qconv.weight.scale * factor)
+            if layer.gain is not None:  # the folded weight already holds the normalisation
+                layer = eqx.tree_at(lambda c: c.gain, layer, None)
             return eqx.tree_at(lambda c: c.conv, layer, qconv)
         if _is_quantised(layer.weight):
             raise ValueError("This model is already quantised; dequantise it first.")

@@ -141,3 +141,55 @@ def test_auto_norm_method_on_cpu(channels, method):
     assert float(conv.scale()) != float(conv.scale(other))  # the two methods do differ here
     with pytest.raises(ValueError, match="method"):
         conv.scale("qr")
+
+
+def _weight_normed(gamma, seed=0, gain_scale=1.0):
+    cc = _contractive(gamma, (6, 6), seed=seed, weight_norm=True)
+    gain = gain_scale * (0.5 + np.random.default_rng(seed + 1).random(cc.out_channels))
+    return eqx.tree_at(lambda c: c.gain, cc, jnp.asarray(gain))
+
+
+def test_weight_norm_is_gain_times_direction():
+    """Each output channel's weights are `gain * v / ||v||`: independent of the direction's
+    scale per channel, linear in the gain, and the plain conv at initialisation."""
+    cc = _weight_normed(1e6)  # no contraction rescaling at this gamma
+    v = cc.conv.weight
+    w = np.asarray(cc.normalised().weight)
+    vn = np.asarray(v)
+    ref = vn / np.sqrt(np.sum(np.abs(vn) ** 2, axis=(0, 2, 3, 4), keepdims=True))
+    np.testing.assert_allclose(w, ref * np.asarray(cc.gain)[None, :, None, None, None], rtol=1e-12)
+    factors = jnp.asarray([2.0, 0.1, 7.0])[None, :, None, None, None]
+    rescaled = eqx.tree_at(lambda c: c.conv.weight, cc, v * factors)
+    np.testing.assert_allclose(np.asarray(rescaled.normalised().weight), w, rtol=1e-12)
+    # Built with weight_norm=True, the model starts as the plain one (gain = ||v||).
+    key = jax.random.PRNGKey(3)
+    kw = dict(gamma=0.9, norm_grid=(6, 6), dtype=jnp.complex128, key=key)
+    plain = ContractiveToroidalConv(2, 3, **kw)
+    normed = ContractiveToroidalConv(2, 3, weight_norm=True, **kw)
+    assert normed.weight_norm and not plain.weight_norm
+    np.testing.assert_allclose(normed.normalised().weight, plain.normalised().weight, rtol=1e-10)
+
+
+def test_weight_norm_keeps_the_certificate_and_its_gradient():
+    gamma = 0.9
+    cc = _weight_normed(gamma, seed=4, gain_scale=50.0)
+    normed = eqx.filter_jit(lambda c: c.normalised())(cc)
+    np.testing.assert_allclose(_dense_norm(normed, 6, 6), gamma, rtol=1e-10)
+    # Gradient with respect to gain and direction against central differences.
+    z = jnp.asarray(np.random.default_rng(5).standard_normal((2, 6, 6)) + 0j)
+
+    def loss(gain, v):
+        c = eqx.tree_at(lambda c: (c.gain, c.conv.weight), cc, (gain, v))
+        return jnp.sum(jnp.abs(c(z)) ** 2)
+
+    g_gain, g_v = jax.grad(loss, argnums=(0, 1))(cc.gain, cc.conv.weight)
+    rng = np.random.default_rng(6)
+    d_gain = jnp.asarray(rng.standard_normal(cc.gain.shape))
+    d_v = jnp.asarray(rng.standard_normal(cc.conv.weight.shape))
+    eps = 1e-6
+    fd = (
+        loss(cc.gain + eps * d_gain, cc.conv.weight + eps * d_v)
+        - loss(cc.gain - eps * d_gain, cc.conv.weight - eps * d_v)
+    ) / (2 * eps)
+    analytic = jnp.vdot(g_gain, d_gain).real + jnp.vdot(g_v, d_v).real  # real directions
+    np.testing.assert_allclose(float(analytic), float(fd), rtol=1e-6)

@@ -429,7 +429,7 @@ def test_encoder_matches_reference(hidden, pool, phase, field):
     """The encoder's fused convolution-and-pooling (one strided convolution) against convolving
     at full resolution and pooling, per image and batched, values and gradients."""
     enc = ff.Encoder(3, 4, pool=pool, hidden=hidden, phase=phase, field=field, key=jr.PRNGKey(0))
-    x = jr.normal(jr.PRNGKey(1), (5, 3, 6, 12))
+    x = jr.normal(jr.PRNGKey(1), (5, 3, 6, 12), jnp.float32)  # also if another test left x64 on
     ref = jax.vmap(lambda xi: _encoder_reference(enc, xi))(x)
     np.testing.assert_allclose(enc.batched(x), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jax.vmap(enc)(x), ref, rtol=1e-5, atol=1e-5)
@@ -648,3 +648,18 @@ def test_real_twin_refuses_complex_fields_and_the_planar_solve():
         model.readout(jnp.zeros((4, 8, 8), jnp.complex64))
     with pytest.raises(ValueError, match="single field"):
         ff.equal_params_channels("tiny", scales=2)
+
+
+def test_weight_norm_option():
+    """`weight_norm=True`: one learnt gain per output channel of the cell's convolution, the
+    same function at initialisation, still a certified contraction."""
+    key = jr.PRNGKey(0)
+    plain = ff.make_model("tiny", key=key)
+    normed = ff.make_model("tiny", key=key, weight_norm=True)
+    assert ff.count_params(normed) == ff.count_params(plain) + plain.cell.channels
+    x = jr.normal(jr.PRNGKey(1), (1, 8, 8), jnp.float32)
+    np.testing.assert_allclose(normed(x)[0], plain(x)[0], rtol=1e-4, atol=1e-5)
+    bigger = eqx.tree_at(lambda m: m.cell.conv.gain, normed, 10 * normed.cell.conv.gain)
+    assert float(bigger.cell.conv.lipschitz_bound(8, 8)) <= bigger.cell.conv.gamma * (1 + 1e-5)
+    with pytest.raises(ValueError, match="weight_norm"):
+        ff.make_model("tiny", key=key, weight_norm=True, scales=2)
