@@ -417,13 +417,7 @@ def _encoder_reference(enc, x):
 
 @pytest.mark.parametrize(
     "hidden, pool, phase, field",
-    [
-        (0, 1, "none", "complex"),
-        (6, 2, "learned", "complex"),
-        (0, 2, "learned", "complex"),
-        (5, 3, "none", "complex"),
-        (0, 2, "none", "real"),
-    ],
+    [(0, 1, "none", "complex"), (5, 3, "learned", "complex"), (0, 2, "none", "real")],
 )
 def test_encoder_matches_reference(hidden, pool, phase, field):
     """The encoder's fused convolution-and-pooling (one strided convolution) against convolving
@@ -440,8 +434,9 @@ def test_encoder_matches_reference(hidden, pool, phase, field):
     def loss(e, fn):
         return jnp.real(jnp.vdot(ct, fn(e, x)))
 
-    g1 = eqx.filter_grad(loss)(enc, lambda e, x: e.batched(x))
-    g2 = eqx.filter_grad(loss)(enc, lambda e, x: jax.vmap(lambda xi: _encoder_reference(e, xi))(x))
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    g1 = grad(enc, lambda e, x: e.batched(x))
+    g2 = grad(enc, lambda e, x: jax.vmap(lambda xi: _encoder_reference(e, xi))(x))
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     if pool > 1:
