@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Inexact, Int
 
+from ._planes import combine, inner_row, planes
 from .base import AbstractFixedPointSolver
 
 
@@ -22,33 +23,6 @@ class _AndersonState(eqx.Module):
     gram: Inexact[Array, "m m"]  # <g_i, g_j>, updated one row/column per step
     count: Int[Array, ""]
     restarts: Int[Array, ""]
-
-
-def _planes(v: Inexact[Array, " n"]) -> tuple[Float[Array, " n"], ...]:
-    return (v.real, v.imag) if jnp.iscomplexobj(v) else (v,)
-
-
-def _inner_row(hist, v, real_coef: bool, dtype):
-    """`row[j] = <h_j, v> = sum conj(h_j) v` (its real part if `real_coef`)."""
-    if len(hist) == 1:
-        return (hist[0] @ v[0]).astype(dtype)
-    (hr, hi), (vr, vi) = hist, v
-    re = hr @ vr + hi @ vi
-    if real_coef:
-        return re.astype(dtype)
-    return jax.lax.complex(re, hr @ vi - hi @ vr).astype(dtype)
-
-
-def _combine(coef: Inexact[Array, " m"], hist) -> tuple[Float[Array, " n"], ...]:
-    """`sum_i coef_i h_i`, plane by plane."""
-    ar = jnp.real(coef).astype(hist[0].dtype)
-    if len(hist) == 1:
-        return (ar @ hist[0],)
-    hr, hi = hist
-    if not jnp.iscomplexobj(coef):
-        return ar @ hr, ar @ hi
-    ai = jnp.imag(coef).astype(hr.dtype)
-    return ar @ hr - ai @ hi, ar @ hi + ai @ hr
 
 
 class Anderson(AbstractFixedPointSolver):
@@ -90,7 +64,7 @@ class Anderson(AbstractFixedPointSolver):
 
     def init(self, fn, y, fy, args):
         flat, _ = ravel_pytree(y)
-        buf = tuple(jnp.zeros((self.history,) + p.shape, p.dtype) for p in _planes(flat))
+        buf = tuple(jnp.zeros((self.history,) + p.shape, p.dtype) for p in planes(flat))
         gram = jnp.zeros((self.history, self.history), flat.dtype)
         return _AndersonState(buf, buf, gram, jnp.array(0), jnp.array(0))
 
@@ -102,8 +76,8 @@ class Anderson(AbstractFixedPointSolver):
         fy_flat, _ = ravel_pytree(fy)
         m = self.history
         slot = state.count % m
-        g_new = _planes(fy_flat - y_flat)
-        f_new = _planes(fy_flat)
+        g_new = planes(fy_flat - y_flat)
+        f_new = planes(fy_flat)
         gs = tuple(h.at[slot].set(v) for h, v in zip(state.gs, g_new, strict=True))
         fys = tuple(h.at[slot].set(v) for h, v in zip(state.fys, f_new, strict=True))
         valid: Bool[Array, " m"] = jnp.arange(m) < jnp.minimum(state.count + 1, m)
@@ -111,7 +85,7 @@ class Anderson(AbstractFixedPointSolver):
         leaves = jax.tree_util.tree_leaves(y)
         mixed = len({jnp.iscomplexobj(x) for x in leaves}) > 1
         real_coef = self.coefficients == "real" or mixed or not jnp.iscomplexobj(state.gram)
-        row = _inner_row(gs, g_new, real_coef, state.gram.dtype)
+        row = inner_row(gs, g_new, real_coef, state.gram.dtype)
         full = state.gram.at[:, slot].set(row).at[slot, :].set(jnp.conj(row))
         gram = jnp.real(full) if real_coef else full
         both = valid[:, None] & valid[None, :]
@@ -127,10 +101,10 @@ class Anderson(AbstractFixedPointSolver):
         # among m weights, not a select over the whole state.
         alpha = jnp.where(ok, alpha, jnp.arange(m) == slot).astype(alpha.dtype)
 
-        y_new = _combine(alpha, fys)
+        y_new = combine(alpha, fys)
         if self.mixing != 1:  # sum alpha_i z_i = sum alpha_i (f(z_i) - g_i)
             beta = 1 - self.mixing
-            y_new = tuple(a - beta * b for a, b in zip(y_new, _combine(alpha, gs), strict=True))
+            y_new = tuple(a - beta * b for a, b in zip(y_new, combine(alpha, gs), strict=True))
         if len(y_new) == 2:
             y_new_flat = jax.lax.complex(*y_new).astype(y_flat.dtype)
         else:

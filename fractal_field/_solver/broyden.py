@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Inexact, Int
 
-from .anderson import _combine, _inner_row, _planes
+from ._planes import combine, inner_row, planes
 from .base import AbstractFixedPointSolver
 
 Planes = tuple[Float[Array, " n"], ...]
@@ -127,7 +127,7 @@ class Broyden(AbstractFixedPointSolver):
     def init(self, fn, y, fy, args):
         y_flat, _ = ravel_pytree(y)
         fy_flat, _ = ravel_pytree(fy)
-        g = _planes(fy_flat - y_flat)
+        g = planes(fy_flat - y_flat)
         buf = tuple(jnp.zeros((self.memory,) + p.shape, p.dtype) for p in g)
         return _BroydenState(buf, buf, g, jnp.array(0), jnp.array(0))
 
@@ -141,7 +141,7 @@ class Broyden(AbstractFixedPointSolver):
         m = self.memory
 
         # The step: Broyden's, or a plain one (and a restart) if it is non-finite or huge.
-        g = _planes(fy_flat - y_flat)
+        g = planes(fy_flat - y_flat)
         d = state.direction
         d_sq, g_sq = _sqnorm(d), _sqnorm(g)
         ok = jnp.isfinite(d_sq) & (d_sq <= self.max_step_ratio**2 * g_sq)
@@ -152,7 +152,7 @@ class Broyden(AbstractFixedPointSolver):
         y_new = unravel(y_new_flat)
         fy_new = fn(y_new, args)
         fy_new_flat, _ = ravel_pytree(fy_new)
-        g_new = _planes(fy_new_flat - y_new_flat)
+        g_new = planes(fy_new_flat - y_new_flat)
 
         # Rank-one update: H_new = H + u v^H with v = H^H dx and u = (dx - H dg) / <v, dg>,
         # using H g = -d (also right after a restart: H = -I and d = g), or -g where the memory
@@ -164,11 +164,11 @@ class Broyden(AbstractFixedPointSolver):
         else:
             h_g = _scale(-1.0, d)
         valid: Bool[Array, " m"] = jnp.arange(m) < jnp.minimum(count, m)
-        c = jnp.where(valid, _inner_row(state.vs, g_new, real, cdtype), 0)
-        h_g_new = _sub(_combine(c, state.us), g_new)
+        c = jnp.where(valid, inner_row(state.vs, g_new, real, cdtype), 0)
+        h_g_new = _sub(combine(c, state.us), g_new)
         h_dg = _sub(h_g_new, h_g)
-        e = jnp.where(valid, _inner_row(state.us, dx, real, cdtype), 0)
-        v = _sub(_combine(e, state.vs), dx)
+        e = jnp.where(valid, inner_row(state.us, dx, real, cdtype), 0)
+        v = _sub(combine(e, state.vs), dx)
         denom = _dot(v, _sub(g_new, g), real)
         good = jnp.isfinite(denom) & (denom != 0)
         u = _scale(1 / jnp.where(good, denom, 1), _sub(dx, h_dg))
