@@ -26,14 +26,15 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 
 import fractal_field as ff
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _train_runs import ROOT, train_runs, write_runs  # noqa: E402
 
 # (config variant, workdir, overrides)
 RUNS = (
@@ -54,21 +55,6 @@ RUNS = (
         ("adjoint.name=implicit", "adjoint.beta=None", "adjoint.rtol=None", "adjoint.throw=None"),
     ),
 )
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _command(variant: str, workdir: str, data_dir: str, overrides) -> list[str]:
-    return [
-        sys.executable,
-        "scripts/train.py",
-        "--config",
-        f"configs/mnist_nano.py:{variant}",
-        "--workdir",
-        workdir,
-        "--data-dir",
-        data_dir,
-        *overrides,
-    ]
 
 
 def _summary(variant: str, workdir: str) -> dict:
@@ -124,24 +110,14 @@ def main():
     parser.add_argument("--limit-s", type=int, default=1200)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     opts = parser.parse_args()
-    runs = []
-    for variant, workdir, overrides in RUNS:
-        cmd = _command(variant, workdir, opts.data_dir, overrides)
-        if not opts.collect_only:
-            t = time.time()
-            with open(os.path.join(ROOT, workdir + ".log"), "w") as log:
-                subprocess.run(
-                    ["timeout", "-s", "TERM", str(opts.limit_s), "nice", "-n", "10", *cmd],
-                    cwd=ROOT,
-                    check=False,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            print(f"{variant}: {time.time() - t:.0f}s", flush=True)
-        row = _summary(variant, workdir)
-        row["command"] = " ".join(["python", *cmd[1:]])
-        runs.append(row)
-        print(json.dumps(row), flush=True)
+    runs = train_runs(
+        [(v, f"configs/mnist_nano.py:{v}", workdir, *over) for v, workdir, over in RUNS],
+        _summary,
+        data_dir=opts.data_dir,
+        prefix=("timeout", "-s", "TERM", str(opts.limit_s), "nice", "-n", "10"),
+        train=lambda name: not opts.collect_only,
+        check=False,
+    )
     meta = dict(
         date=datetime.date.today().isoformat(),
         command=" ".join(["python", "benchmarks/adjoint_mnist.py", *sys.argv[1:]]),
@@ -153,11 +129,7 @@ def main():
         fractal_field=ff.__version__,
         machine=platform.machine(),
     )
-    os.makedirs(opts.out, exist_ok=True)
-    path = os.path.join(opts.out, "adjoint_mnist.json")
-    with open(path, "w") as fh:
-        json.dump(dict(meta=meta, runs=runs), fh, indent=1)
-    print(f"wrote {path}")
+    write_runs(opts.out, "adjoint_mnist.json", meta, runs)
 
 
 if __name__ == "__main__":

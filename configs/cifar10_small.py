@@ -76,9 +76,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         # MDEQ-small's ingredients in the complex toroidal form (Bai, Koltun & Kolter 2020,
         # `cls_mdeq_TINY.yaml`): an expanded, group-normalised, weight-normalised cell
         # (32 -> 96 -> 32 complex channels, CReLU), variational dropout 0.25 inside the
-        # equilibrium, 3,000 steps of unrolled pretraining (10 iterations), Adam at lr 1e-3
-        # decayed by cosine to 1e-6, 50 epochs, no augmentation (145,610 real parameters).
-        # Not yet run at full length.
+        # equilibrium, HRNet's classification head (`ff.PyramidHead`: a bottleneck to 64 maps,
+        # 200 final maps, global pooling), 3,000 steps of unrolled pretraining (10
+        # iterations), Adam at lr 1e-3 decayed by cosine to 1e-6, 50 epochs, no augmentation
+        # (156,978 real parameters). Not yet run at full length.
         c.model = dict(
             c.model,
             channels=32,
@@ -87,6 +88,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             norm_groups=4,
             weight_norm=True,
             field_dropout=0.25,
+            readout_pyramid=(16,),
+            readout_final=200,
+            readout_grid=1,
         )
         c.pretrain_steps = 3000
         c.pretrain_unroll = 10

@@ -74,6 +74,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         # 19,504 real parameters against the complex default's 19,190 (+1.6%;
         # `ff.equal_params_channels("nano")`).
         c.model = dict(c.model, field="real", channels=38)
+    elif variant == "pyramid":
+        # HRNet's classification head as MDEQ uses it (`ff.PyramidHead`, docs/models.md): a
+        # bottleneck to 32 maps, 64 final maps, global pooling, in place of the 4x4 linear
+        # readout (19,702 real parameters).
+        c.model = dict(c.model, readout_pyramid=(8,), readout_final=64, readout_grid=1)
     elif variant in ("short_implicit", "short_reversible", "short_ep"):
         # The adjoint comparison of docs/gradients.md, sized for a busy 2-core CPU (at most
         # 20 minutes each): one epoch (46 steps of 64) on a random 3,000-image train subset,
@@ -97,7 +102,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             c.adjoint = dict(name="ep", beta=0.1, rtol=1e-4, throw=False)
     elif variant:
         raise ValueError(
-            f"Unknown variant {variant!r} (use '', 'smoke', 'cpu_hour', 'real', "
+            f"Unknown variant {variant!r} (use '', 'smoke', 'cpu_hour', 'real', 'pyramid', "
             "'short_implicit', 'short_reversible' or 'short_ep')."
         )
     return c

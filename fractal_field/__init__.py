@@ -51,6 +51,7 @@ from ._energy import AbstractEnergyMap as AbstractEnergyMap
 from ._equilibrium import EquilibriumPropagation as EquilibriumPropagation
 from ._export import export_classifier as export_classifier, export_onnx as export_onnx
 from ._fixed_point import fixed_point as fixed_point
+from ._head import Bottleneck as Bottleneck, PyramidHead as PyramidHead
 from ._inpaint import (
     InpaintField as InpaintField,
     InpaintMap as InpaintMap,

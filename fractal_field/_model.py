@@ -19,6 +19,7 @@ from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._cell import FractalCell
 from ._conv import with_precision
 from ._fixed_point import fixed_point, solve_settings
+from ._head import PyramidHead
 from ._jacobian import jacobian_penalty
 from ._multiscale import MultiScaleCell
 from ._planar import from_planar, to_planar
@@ -171,6 +172,12 @@ class Readout(eqx.Module):
     `hidden > 0` adds a nonlinear head at every site before pooling: a real 1x1 convolution
     from the site's features to `hidden` maps and a ReLU (one head per scale).
 
+    `pyramid` (one width per scale) with `final_channels` replaces that head with HRNet's
+    classification head as MDEQ uses it (`ff.PyramidHead`): the scales' site features are
+    widened, merged from finest to coarsest and projected to `final_channels` maps on the
+    coarsest grid, which are pooled to `max(1, grid // 2^(scales - 1))` bins a side (`grid=1`:
+    MDEQ's global pooling).
+
     `dropout > 0` zeroes that fraction of the pooled features (scaling the rest by
     `1 / (1 - dropout)`) when called with a `key`; without one (evaluation) it does nothing.
 
@@ -180,6 +187,7 @@ class Readout(eqx.Module):
 
     linear: eqx.nn.Linear
     heads: tuple[eqx.nn.Linear, ...] | None
+    pyramid: PyramidHead | None
     grid: int = eqx.field(static=True)
     phase_features: bool = eqx.field(static=True)
     channels: tuple[int, ...] = eqx.field(static=True)
@@ -196,11 +204,20 @@ class Readout(eqx.Module):
         hidden: int = 0,
         dropout: float = 0.0,
         field: str = "complex",
+        pyramid: Sequence[int] = (),
+        final_channels: int = 0,
         key,
     ):
         check_field(field, "Readout")
         if hidden < 0:
             raise ValueError(f"Readout(hidden={hidden}) must be >= 0 (0: no head).")
+        pyramid = tuple(int(p) for p in pyramid)
+        if bool(pyramid) != (final_channels > 0) or (pyramid and hidden):
+            raise ValueError(
+                f"Readout(pyramid={pyramid}, final_channels={final_channels}, hidden={hidden}): "
+                "a pyramid head needs both pyramid widths and final_channels > 0, and replaces "
+                "the 1x1 head (hidden=0)."
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"Readout(dropout={dropout}) must be in [0, 1).")
         self.dropout = float(dropout)
@@ -219,8 +236,21 @@ class Readout(eqx.Module):
             if hidden
             else None
         )
+        self.pyramid = (
+            PyramidHead(
+                [per_site * c for c in self.channels],
+                pyramid,
+                final_channels,
+                key=jr.fold_in(key, 2),
+            )
+            if pyramid
+            else None
+        )
         site = (hidden,) * len(self.channels) if hidden else [per_site * c for c in self.channels]
-        feats = sum(f * g * g for f, g in zip(site, self.grids, strict=True))
+        if pyramid:
+            feats = final_channels * self.grids[-1] ** 2
+        else:
+            feats = sum(f * g * g for f, g in zip(site, self.grids, strict=True))
         self.linear = eqx.nn.Linear(feats, num_classes, dtype=jnp.float32, key=key)
 
     @property
@@ -233,19 +263,23 @@ class Readout(eqx.Module):
         zs = tuple(z) if isinstance(z, (tuple, list)) else (z,)
         if len(zs) != len(self.channels):
             raise ValueError(f"Readout expects {len(self.channels)} fields, got {len(zs)}.")
-        heads = (None,) * len(zs) if self.heads is None else self.heads
-        feats = [
-            self._features(zi, g, head) for zi, g, head in zip(zs, self.grids, heads, strict=True)
-        ]
-        feats = jnp.concatenate(feats).astype(self.linear.weight.dtype)
+        if self.pyramid is not None:
+            f = self.pyramid([self._site(zi) for zi in zs])
+            feats = _pool(f, self.grids[-1]).astype(self.linear.weight.dtype)
+        else:
+            heads = (None,) * len(zs) if self.heads is None else self.heads
+            feats = [
+                self._features(zi, g, head)
+                for zi, g, head in zip(zs, self.grids, heads, strict=True)
+            ]
+            feats = jnp.concatenate(feats).astype(self.linear.weight.dtype)
         if key is not None and self.dropout > 0:
             keep = jr.bernoulli(key, 1.0 - self.dropout, feats.shape)
             feats = jnp.where(keep, feats / (1.0 - self.dropout), 0.0)
         return self.linear(feats)
 
-    def _features(
-        self, z: Complex[Array, "c h w"], g: int, head: eqx.nn.Linear | None
-    ) -> Float[Array, " f"]:
+    def _site(self, z: Complex[Array, "c h w"]) -> Float[Array, "f h w"]:
+        """The real features at every site of one field."""
         if self.field == "real" and jnp.iscomplexobj(z):
             raise TypeError(f"Readout(field='real') expects a real field, got dtype {z.dtype}.")
         mag = jnp.sqrt(jnp.real(z) ** 2 + jnp.imag(z) ** 2 + 1e-12)
@@ -254,17 +288,25 @@ class Readout(eqx.Module):
             feats.append(z)
         elif self.phase_features:
             feats += [jnp.real(z) / (mag + 1e-6) * mag, jnp.imag(z) / (mag + 1e-6) * mag]
-        f = jnp.concatenate(feats, 0)
+        return jnp.concatenate(feats, 0)
+
+    def _features(
+        self, z: Complex[Array, "c h w"], g: int, head: eqx.nn.Linear | None
+    ) -> Float[Array, " f"]:
+        f = self._site(z)
         if head is not None:  # a 1x1 convolution: one matrix product over the channel axis
             f = f.astype(head.weight.dtype)
             f = jax.nn.relu(jnp.einsum("oc,chw->ohw", head.weight, f) + head.bias[:, None, None])
-        c, h, w = f.shape
-        if h < g or w < g:
-            raise ValueError(f"Readout pools to {g}x{g} bins; the field's grid is {h}x{w}.")
-        # Adaptive average pooling on the torus grid (bins of near-equal size), as two small
-        # averaging matrices: one contraction, whatever layout `z` arrives in.
-        pooled = jnp.einsum("ih,chw,jw->cij", _pool_matrix(h, g), f, _pool_matrix(w, g))
-        return pooled.reshape(-1)
+        return _pool(f, g)
+
+
+def _pool(f: Float[Array, "c h w"], g: int) -> Float[Array, " cgg"]:
+    """Adaptive average pooling on the torus grid to `g x g` bins of near-equal size, as two
+    small averaging matrices: one contraction, whatever layout `f` arrives in."""
+    c, h, w = f.shape
+    if h < g or w < g:
+        raise ValueError(f"Readout pools to {g}x{g} bins; the field's grid is {h}x{w}.")
+    return jnp.einsum("ih,chw,jw->cij", _pool_matrix(h, g), f, _pool_matrix(w, g)).reshape(-1)
 
 
 class _Masked(eqx.Module):
@@ -293,6 +335,8 @@ class FieldClassifier(eqx.Module):
 
     `stem > 0` gives the encoder a hidden 3x3 ReLU convolution with that many maps;
     `readout_hidden > 0` gives the readout a 1x1 ReLU head with that many maps before pooling;
+    `readout_pyramid` (one width per scale) and `readout_final` give it HRNet's classification
+    head instead, as MDEQ uses it (`ff.PyramidHead`, `Readout(pyramid=...)`);
     `dropout > 0` drops that fraction of the readout's pooled features when the model is called
     with a `key` (training), and nothing without one. `field_dropout > 0` is variational dropout
     inside the equilibrium (MDEQ's): with a `key`, each image draws one mask of the field
@@ -364,6 +408,8 @@ class FieldClassifier(eqx.Module):
         readout_grid: int = 1,
         phase_features: bool = False,
         readout_hidden: int = 0,
+        readout_pyramid: Sequence[int] = (),
+        readout_final: int = 0,
         dropout: float = 0.0,
         field_dropout: float = 0.0,
         impl: str = "auto",
@@ -487,6 +533,8 @@ class FieldClassifier(eqx.Module):
             hidden=readout_hidden,
             dropout=dropout,
             field=field,
+            pyramid=readout_pyramid,
+            final_channels=readout_final,
             key=rkey,
         )
         self.solver = Anderson() if solver is None else solver

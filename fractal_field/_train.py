@@ -141,9 +141,16 @@ def same_model_config(a: dict, b: dict) -> bool:
             x = defaults.get(key, missing)
         if y is missing:
             y = defaults.get(key, missing)
-        if x != y or x is missing:
+        if x is missing or _as_lists(x) != _as_lists(y):
             return False
     return True
+
+
+def _as_lists(value):
+    """`value` with tuples as lists, as a checkpoint's JSON metadata stores them."""
+    if isinstance(value, (tuple, list)):
+        return [_as_lists(v) for v in value]
+    return value
 
 
 def build_optimizer(config, steps_per_epoch: int):
@@ -188,7 +195,10 @@ def load_data(config, split: str) -> ArrayDataset | ShardedDataset:
     if d.name == "synthetic":
         n = d.get("train_size", 256) if split == "train" else d.get("test_size", 128)
         full = synthetic_dataset(
-            n, image_size=d.get("image_size", 8), seed=0 if split == "train" else 1
+            n,
+            image_size=d.get("image_size", 8),
+            channels=d.get("channels", 1),
+            seed=0 if split == "train" else 1,
         )
         load = lambda select=None: full if select is None else full.subset_of(select)  # noqa: E731
         limit = 0

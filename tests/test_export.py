@@ -23,11 +23,20 @@ def test_exported_logits_equal_jax(solver):
         ff.export_classifier(model, (4, 3, 8, 8))
 
 
-@pytest.mark.parametrize("solver", [ff.Naive(), ff.Anderson(), ff.Broyden()])
-def test_onnx_logits_equal_jax(solver, tmp_path):
+@pytest.mark.parametrize(
+    "solver, overrides",
+    [
+        (ff.Naive(), {}),
+        (ff.Anderson(), {}),
+        (ff.Broyden(), {}),
+        (ff.Naive(), {"readout_pyramid": (2,), "readout_final": 6, "readout_grid": 1}),
+    ],
+    ids=["naive", "anderson", "broyden", "pyramid"],
+)
+def test_onnx_logits_equal_jax(solver, overrides, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("jax2onnx")
-    model = ff.make_model("tiny", key=jr.PRNGKey(0), solver=solver, max_steps=40)
+    model = ff.make_model("tiny", key=jr.PRNGKey(0), solver=solver, max_steps=40, **overrides)
     x = np.asarray(jr.normal(jr.PRNGKey(1), (4, 1, 8, 8)), np.float32)
     path = tmp_path / "model.onnx"
     proto = ff.export_onnx(model, x.shape, path)

@@ -121,8 +121,13 @@ def _tight_tiny(rtol: float, **overrides):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"scales": 2, "channels": (4, 6)}, {"field": "real", "channels": 6}],
-    ids=["one", "two", "real"],
+    [
+        {},
+        {"scales": 2, "channels": (4, 6)},
+        {"field": "real", "channels": 6},
+        {"scales": 2, "channels": (4, 6), "readout_pyramid": (2, 3), "readout_final": 4},
+    ],
+    ids=["one", "two", "real", "pyramid"],
 )
 def test_whole_model_gradient_matches_finite_differences(overrides):
     with jax.enable_x64(True):
@@ -206,6 +211,102 @@ def test_readout_head_keeps_headless_weights_and_shapes():
     assert ms(z).shape == (10,)
     with pytest.raises(ValueError, match="hidden=-1"):
         ff.Readout(4, 10, hidden=-1, key=key)
+
+
+def _np_conv(x, conv, stride=1):
+    """A circular (toroidal) convolution by shifted copies: `out[o, i, j] = b[o] + sum w[o, c,
+    di, dj] x[c, s i + di - k // 2, s j + dj - k // 2]`, indices modulo the grid."""
+    w = np.asarray(conv.weight, np.float64)
+    k = w.shape[-1]
+    out = np.zeros((w.shape[0],) + x.shape[1:])
+    for di in range(k):
+        for dj in range(k):
+            shifted = np.roll(x, (k // 2 - di, k // 2 - dj), axis=(1, 2))
+            out += np.tensordot(w[:, :, di, dj], shifted, axes=(1, 0))
+    if conv.bias is not None:
+        out += np.asarray(conv.bias, np.float64).reshape(-1, 1, 1)
+    return out[:, ::stride, ::stride]
+
+
+def _np_group_norm(x, norm):
+    c, h, w = x.shape
+    g = x.reshape(norm.groups, -1)
+    g = (g - g.mean(1, keepdims=True)) / np.sqrt(g.var(1, keepdims=True) + norm.eps)
+    scale, shift = np.asarray(norm.weight), np.asarray(norm.bias)
+    return g.reshape(c, h, w) * scale[:, None, None] + shift[:, None, None]
+
+
+def _np_pyramid(head, xs):
+    relu = lambda a: np.maximum(a, 0.0)  # noqa: E731
+
+    def block(b, x):
+        y = relu(_np_group_norm(_np_conv(x, b.conv1), b.norm1))
+        y = relu(_np_group_norm(_np_conv(y, b.conv2), b.norm2))
+        y = _np_group_norm(_np_conv(y, b.conv3), b.norm3)
+        r = x if b.skip is None else _np_group_norm(_np_conv(x, b.skip[0]), b.skip[1])
+        return relu(y + r)
+
+    y = block(head.blocks[0], xs[0])
+    for (conv, norm), b, x in zip(head.downs, head.blocks[1:], xs[1:], strict=True):
+        y = relu(_np_group_norm(_np_conv(y, conv, stride=2), norm)) + block(b, x)
+    return relu(_np_group_norm(_np_conv(y, head.final[0]), head.final[1]))
+
+
+def test_pyramid_head_matches_numpy_reference_and_is_torus_equivariant():
+    """HRNet's head against shifted-copy circular convolutions and a direct group norm, with
+    a widening skip (scale 0) and an identity one (scale 1); shifting the fine map by two
+    sites and the coarse one by one shifts the output by one site."""
+    head = ff.PyramidHead((6, 12), (2, 3), 5, norm_groups=2, key=jr.PRNGKey(0))
+    assert head.blocks[0].skip is not None and head.blocks[1].skip is None
+    # Random norm affines, so that the reference checks where they enter.
+    leaves, treedef = jax.tree_util.tree_flatten(head)
+    keys = jr.split(jr.PRNGKey(1), len(leaves))
+    leaves = [
+        x + 0.3 * jr.normal(k, x.shape) if x.ndim == 1 else x
+        for x, k in zip(leaves, keys, strict=True)
+    ]
+    head = jax.tree_util.tree_unflatten(treedef, leaves)
+    xs = (jr.normal(jr.PRNGKey(2), (6, 8, 8)), jr.normal(jr.PRNGKey(3), (12, 4, 4)))
+    got = np.asarray(head(xs))
+    assert got.shape == (5, 4, 4) and head.out_channels == 5
+    want = _np_pyramid(head, [np.asarray(x, np.float64) for x in xs])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    shifted = head((jnp.roll(xs[0], (2, 2), (1, 2)), jnp.roll(xs[1], (1, 1), (1, 2))))
+    np.testing.assert_allclose(shifted, np.roll(got, (1, 1), (1, 2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"pyramid": (2,)}, "final_channels"),
+        ({"final_channels": 8}, "final_channels"),
+        ({"pyramid": (2,), "final_channels": 8, "hidden": 4}, "hidden=4"),
+        ({"pyramid": (2, 3), "final_channels": 8}, "one width per scale"),
+        ({"pyramid": (0,), "final_channels": 8}, "must be >= 1"),
+    ],
+)
+def test_readout_pyramid_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ff.Readout(4, 10, key=jr.PRNGKey(0), **kwargs)
+
+
+def test_readout_pyramid_pools_the_head_and_checks_grids():
+    """The pyramid readout is the linear layer on the head's map pooled to the coarsest
+    scale's bins; a coarse field that is not half the fine one is a clear error."""
+    ro = ff.Readout(
+        (4, 6), 10, grid=4, phase_features=True, pyramid=(2, 3), final_channels=5,
+        key=jr.PRNGKey(0),
+    )  # fmt: skip
+    assert ro.heads is None and ro.linear.weight.shape == (10, 5 * 2 * 2)
+    z = (jr.normal(jr.PRNGKey(1), (4, 8, 8), jnp.complex64),
+         jr.normal(jr.PRNGKey(2), (6, 4, 4), jnp.complex64))  # fmt: skip
+    site = [np.concatenate([np.abs(zi), np.real(zi), np.imag(zi)]).astype(np.float32) for zi in z]
+    m = np.asarray(ro.pyramid([jnp.asarray(f) for f in site]))  # (5, 4, 4)
+    pooled = m.reshape(5, 2, 2, 2, 2).mean((2, 4))
+    want = ro.linear(jnp.asarray(pooled.reshape(-1)))
+    np.testing.assert_allclose(ro(z), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not half"):
+        ro((z[0], jnp.ones((6, 8, 8), jnp.complex64)))
 
 
 def test_readout_dropout_scales_kept_features_and_is_off_without_key():

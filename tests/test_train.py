@@ -953,6 +953,9 @@ def test_pretraining_steps_then_the_solver_and_resume_across_the_switch(tmp_path
         ({"preset": "nano", "stem": 8}, {"preset": "nano"}, False),
         ({"preset": "nano"}, {"preset": "nano", "no_such_option": 1}, False),
         ({}, {"preset": "nano"}, False),  # `preset` has no default to fall back on
+        ({"readout_pyramid": [16]}, {"readout_pyramid": (16,)}, True),  # JSON stores lists
+        ({"preset": "nano", "readout_pyramid": []}, {"preset": "nano"}, True),
+        ({"channels": [4, 6]}, {"channels": (4, 8)}, False),
     ],
 )
 def test_resume_compares_model_configs_up_to_defaults(old, new, same):
@@ -1003,6 +1006,7 @@ def test_build_solver_and_adjoint_from_config():
         ("cifar10_small.py:expanded", 170_000),
         ("cifar10_small.py:mdeq", 170_000),
         ("mnist_nano.py:real", 20_000),
+        ("mnist_nano.py:pyramid", 20_000),
         ("cifar10_small.py:real", 170_000),
     ],
 )

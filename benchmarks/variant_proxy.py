@@ -1,14 +1,15 @@
-"""MNIST Nano: the real-valued twin (`configs/mnist_nano.py:real`) against the complex default,
-a short proxy for catching bugs, not a comparison.
+"""MNIST Nano: variants of the field classifier against the complex default, a short proxy
+for catching bugs, not a comparison. The variants: the real-valued twin
+(`configs/mnist_nano.py:real`) and HRNet's classification head (`configs/mnist_nano.py:pyramid`).
 
-Trains both, seed 0, one epoch on a seeded random 10,000-image train subset (78 steps of 128),
+Trains each, seed 0, one epoch on a seeded random 10,000-image train subset (78 steps of 128),
 one after the other with `scripts/train.py` under `nice -n 10`, and collects the real parameter
 counts, the test accuracy on all 10,000 test images, the mean solver steps (training and test)
-and the median training step time. A run this short cannot rank the two fields.
+and the median training step time. A run this short cannot rank them.
 
-    python benchmarks/real_twin_proxy.py --data-dir ../shared/data [--collect-only]
+    python benchmarks/variant_proxy.py --data-dir ../shared/data [--only NAME ...] [--collect-only]
 
-Writes `benchmarks/results/real_twin_proxy.json`.
+Writes `benchmarks/results/variant_proxy.json`.
 """
 
 from __future__ import annotations
@@ -19,36 +20,23 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 
 import equinox as eqx
 import jax
 
 import fractal_field as ff
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _train_runs import ROOT, train_runs, write_runs  # noqa: E402
+
 OVERRIDES = ("seed=0", "data.train_size=10000", "epochs=1")
 # (name, config, workdir)
 RUNS = (
     ("complex", "configs/mnist_nano.py", "runs/nano_proxy_complex"),
     ("real", "configs/mnist_nano.py:real", "runs/nano_proxy_real"),
+    ("pyramid", "configs/mnist_nano.py:pyramid", "runs/nano_proxy_pyramid"),
 )
-
-
-def _command(spec: str, workdir: str, data_dir: str) -> list[str]:
-    return [
-        sys.executable,
-        "scripts/train.py",
-        "--config",
-        spec,
-        "--workdir",
-        workdir,
-        "--data-dir",
-        data_dir,
-        *OVERRIDES,
-    ]
 
 
 def _summary(name: str, workdir: str) -> dict:
@@ -81,43 +69,30 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--collect-only", action="store_true", help="read existing workdirs")
+    parser.add_argument(
+        "--only", nargs="+", choices=[r[0] for r in RUNS], help="train only these (default: all)"
+    )
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     opts = parser.parse_args(argv)
-    runs = []
-    for name, spec, workdir in RUNS:
-        cmd = _command(spec, workdir, opts.data_dir)
-        if not opts.collect_only:
-            t = time.time()
-            with open(os.path.join(ROOT, workdir + ".log"), "w") as log:
-                subprocess.run(
-                    ["nice", "-n", "10", *cmd],
-                    cwd=ROOT,
-                    check=True,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            print(f"{name}: {time.time() - t:.0f}s", flush=True)
-        row = _summary(name, workdir)
-        row["command"] = " ".join(["python", *cmd[1:]])
-        runs.append(row)
-        print(json.dumps(row), flush=True)
+    runs = train_runs(
+        [(name, spec, workdir, *OVERRIDES) for name, spec, workdir in RUNS],
+        _summary,
+        data_dir=opts.data_dir,
+        train=lambda name: not opts.collect_only and (opts.only is None or name in opts.only),
+    )
     meta = dict(
         date=datetime.date.today().isoformat(),
-        command=" ".join(["python", "benchmarks/real_twin_proxy.py", *(argv or sys.argv[1:])]),
+        command=" ".join(["python", "benchmarks/variant_proxy.py", *(argv or sys.argv[1:])]),
         run_commands="each run's `command`, under `nice -n 10`",
         hardware="2-core CPU (shared with other jobs)",
-        purpose="a proxy for catching bugs: one short epoch cannot rank the two fields",
+        purpose="a proxy for catching bugs: one short epoch cannot rank the variants",
         jax=jax.__version__,
         equinox=eqx.__version__,
         python=sys.version.split()[0],
         fractal_field=ff.__version__,
         machine=platform.machine(),
     )
-    os.makedirs(opts.out, exist_ok=True)
-    path = os.path.join(opts.out, "real_twin_proxy.json")
-    with open(path, "w") as fh:
-        json.dump(dict(meta=meta, runs=runs), fh, indent=1)
-    print(f"wrote {path}")
+    write_runs(opts.out, "variant_proxy.json", meta, runs)
 
 
 if __name__ == "__main__":
