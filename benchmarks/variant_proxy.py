@@ -1,6 +1,7 @@
 """MNIST Nano: variants of the field classifier against the complex default, a short proxy
 for catching bugs, not a comparison. The variants: the real-valued twin
-(`configs/mnist_nano.py:real`) and HRNet's classification head (`configs/mnist_nano.py:pyramid`).
+(`configs/mnist_nano.py:real`) and HRNet's classification head (`configs/mnist_nano.py:pyramid`,
+pooled to 4x4, and with MDEQ's global pooling).
 
 Trains each, seed 0, one epoch on a seeded random 10,000-image train subset (78 steps of 128),
 one after the other with `scripts/train.py` under `nice -n 10`, and collects the real parameter
@@ -31,11 +32,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _train_runs import ROOT, train_runs, write_runs  # noqa: E402
 
 OVERRIDES = ("seed=0", "data.train_size=10000", "epochs=1")
-# (name, config, workdir)
+# (name, config, workdir, *overrides)
 RUNS = (
     ("complex", "configs/mnist_nano.py", "runs/nano_proxy_complex"),
     ("real", "configs/mnist_nano.py:real", "runs/nano_proxy_real"),
     ("pyramid", "configs/mnist_nano.py:pyramid", "runs/nano_proxy_pyramid"),
+    # MDEQ's global pooling, with 64 final maps to use the parameters the 4x4 pooling takes.
+    (
+        "pyramid_global",
+        "configs/mnist_nano.py:pyramid",
+        "runs/nano_proxy_pyramid_global",
+        "model.readout_final=64",
+        "model.readout_grid=1",
+    ),
 )
 
 
@@ -75,7 +84,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     opts = parser.parse_args(argv)
     runs = train_runs(
-        [(name, spec, workdir, *OVERRIDES) for name, spec, workdir in RUNS],
+        [(name, spec, workdir, *OVERRIDES, *extra) for name, spec, workdir, *extra in RUNS],
         _summary,
         data_dir=opts.data_dir,
         train=lambda name: not opts.collect_only and (opts.only is None or name in opts.only),
