@@ -9,6 +9,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import fractal_field as ff
+from fractal_field._provenance import provenance
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,6 +44,20 @@ def train_runs(
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def run_meta(script: str, argv: Sequence[str] | None, **extra) -> dict:
+    """Where the runs came from (`ff`'s provenance: date, command, hardware, versions), the
+    load average at the end (the runs share the machine) and `extra`."""
+    meta = provenance(script, None if argv is None else list(argv))
+    meta["hardware"] += " (shared with other jobs)"
+    meta.update(
+        fractal_field=ff.__version__,
+        python=sys.version.split()[0],
+        load_average=[round(x, 2) for x in os.getloadavg()],
+    )
+    meta.update(extra)
+    return meta
 
 
 def write_runs(out_dir: str, filename: str, meta: dict, runs: list[dict]) -> str:

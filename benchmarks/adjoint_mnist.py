@@ -20,21 +20,14 @@ Writes `benchmarks/results/adjoint_mnist.json`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 
-import jax
-import numpy as np
-
-import fractal_field as ff
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _train_runs import ROOT, train_runs, write_runs  # noqa: E402
+from _train_runs import ROOT, run_meta, train_runs, write_runs  # noqa: E402
 
 # (config variant, workdir, overrides)
 RUNS = (
@@ -118,16 +111,10 @@ def main():
         train=lambda name: not opts.collect_only,
         check=False,
     )
-    meta = dict(
-        date=datetime.date.today().isoformat(),
-        command=" ".join(["python", "benchmarks/adjoint_mnist.py", *sys.argv[1:]]),
+    meta = run_meta(
+        "benchmarks/adjoint_mnist.py",
+        None,
         run_commands="each run's `command`, under `timeout -s TERM 1200 nice -n 10`",
-        hardware="2-core CPU (shared with other jobs; load average 8-11 during the runs)",
-        jax=jax.__version__,
-        numpy=np.__version__,
-        python=sys.version.split()[0],
-        fractal_field=ff.__version__,
-        machine=platform.machine(),
     )
     write_runs(opts.out, "adjoint_mnist.json", meta, runs)
 

@@ -16,20 +16,15 @@ Writes `benchmarks/results/variant_proxy.json`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
-
-import equinox as eqx
-import jax
 
 import fractal_field as ff
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _train_runs import ROOT, train_runs, write_runs  # noqa: E402
+from _train_runs import ROOT, run_meta, train_runs, write_runs  # noqa: E402
 
 OVERRIDES = ("seed=0", "data.train_size=10000", "epochs=1")
 # (name, config, workdir, *overrides)
@@ -89,17 +84,11 @@ def main(argv=None):
         data_dir=opts.data_dir,
         train=lambda name: not opts.collect_only and (opts.only is None or name in opts.only),
     )
-    meta = dict(
-        date=datetime.date.today().isoformat(),
-        command=" ".join(["python", "benchmarks/variant_proxy.py", *(argv or sys.argv[1:])]),
+    meta = run_meta(
+        "benchmarks/variant_proxy.py",
+        argv,
         run_commands="each run's `command`, under `nice -n 10`",
-        hardware="2-core CPU (shared with other jobs)",
         purpose="a proxy for catching bugs: one short epoch cannot rank the variants",
-        jax=jax.__version__,
-        equinox=eqx.__version__,
-        python=sys.version.split()[0],
-        fractal_field=ff.__version__,
-        machine=platform.machine(),
     )
     write_runs(opts.out, "variant_proxy.json", meta, runs)
 
