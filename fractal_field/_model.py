@@ -264,7 +264,8 @@ class Readout(eqx.Module):
         if len(zs) != len(self.channels):
             raise ValueError(f"Readout expects {len(self.channels)} fields, got {len(zs)}.")
         if self.pyramid is not None:
-            f = self.pyramid([self._site(zi) for zi in zs])
+            dtype = self.linear.weight.dtype
+            f = self.pyramid([self._site(zi).astype(dtype) for zi in zs])
             feats = _pool(f, self.grids[-1]).astype(self.linear.weight.dtype)
         else:
             heads = (None,) * len(zs) if self.heads is None else self.heads

@@ -95,26 +95,28 @@ def test_cifar_smoke_planar_training_loss_falls(tmp_path):
 
 @pytest.mark.slow
 def test_multiscale_training_checkpoints_and_reloads(tmp_path):
-    """A multi-scale field (two coupled tori, the state a tuple of fields) trains through the
-    same script path, and its checkpoint rebuilds the same model in one call."""
-    config = ff.load_config(
-        CIFAR_SMOKE,
-        [
-            "epochs=6",
-            "data.train_size=256",
-            "optim.lr=5e-2",
-            "optim.warmup_epochs=0.5",
-            "model.scales=2",
-            "model.channels=4",
-        ],
-    )
-    summary = ff.train(config, tmp_path)
+    """A multi-scale field (two coupled tori, the state a tuple of fields) with HRNet's head
+    trains through the same script path, and its checkpoint rebuilds the same model in one
+    call."""
+    overrides = [
+        "epochs=3",
+        "data.train_size=256",
+        "optim.lr=5e-2",
+        "optim.warmup_epochs=0.5",
+        "model.scales=2",
+        "model.channels=4",
+        "model.readout_pyramid=(2,2)",
+        "model.readout_final=8",
+        "model.readout_grid=4",
+    ]
+    summary = ff.train(ff.load_config(CIFAR_SMOKE, overrides), tmp_path)
     rows = _steps(tmp_path)
     first = np.mean([r["loss"] for r in rows[:3]])
     last = np.mean([r["loss"] for r in rows[-3:]])
     assert last < 0.7 * first, (first, last)
     loaded = ff.load_model(tmp_path / "checkpoints" / "last.eqx")
     assert isinstance(loaded.cell, ff.MultiScaleCell) and loaded.cell.channels == (4, 4)
+    assert len(rows) == 3 * 256 // 32 and loaded.readout.pyramid is not None
     for a, b in zip(_params(loaded), _params(summary["model"]), strict=True):
         np.testing.assert_array_equal(a, b)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 8, 8))
