@@ -266,14 +266,46 @@ class Readout(eqx.Module):
         if self.pyramid is not None:
             dtype = self.linear.weight.dtype
             f = self.pyramid([self._site(zi).astype(dtype) for zi in zs])
-            feats = _pool(f, self.grids[-1]).astype(self.linear.weight.dtype)
+            feats = _pool(f, self.grids[-1])
         else:
             heads = (None,) * len(zs) if self.heads is None else self.heads
             feats = [
                 self._features(zi, g, head)
                 for zi, g, head in zip(zs, self.grids, heads, strict=True)
             ]
-            feats = jnp.concatenate(feats).astype(self.linear.weight.dtype)
+            feats = jnp.concatenate(feats)
+        return self._classify(feats, key)
+
+    def planar(
+        self, p: Float[Array, "2 h w c b"] | tuple, *, keys: PRNGKeyArray | None = None
+    ) -> Float[Array, "b classes"]:
+        """The logits of a batch of planar fields (`ff.to_planar`; a tuple of them, finest
+        first, for a multi-scale state): `vmap` of the readout on `ff.from_planar(p)`, with
+        `keys` one per image, computed in the planar layout so that only the pooled features
+        change layout. With a pyramid head it is that `vmap`."""
+        ps = tuple(p) if isinstance(p, (tuple, list)) else (p,)
+        if len(ps) != len(self.channels):
+            raise ValueError(f"Readout expects {len(self.channels)} fields, got {len(ps)}.")
+        if self.field == "real" or self.pyramid is not None:
+            zs = tuple(from_planar(pi) for pi in ps)
+            return jax.vmap(lambda z, k: self(z, key=k))(zs if len(zs) > 1 else zs[0], keys)
+        heads = (None,) * len(ps) if self.heads is None else self.heads
+        feats = []
+        for pi, g, head in zip(ps, self.grids, heads, strict=True):
+            f = self._site_planes(pi[0], pi[1], axis=2)  # (h, w, f, b)
+            if head is not None:
+                f = f.astype(head.weight.dtype)
+                f = jnp.einsum("oc,hwcb->hwob", head.weight, f) + head.bias[:, None]
+                f = jax.nn.relu(f)
+            h, w = f.shape[:2]
+            _check_pool(h, w, g)
+            pooled = jnp.einsum("ih,hwfb,jw->bfij", _pool_matrix(h, g), f, _pool_matrix(w, g))
+            feats.append(pooled.reshape(pooled.shape[0], -1))
+        return jax.vmap(self._classify)(jnp.concatenate(feats, 1), keys)
+
+    def _classify(self, feats: Float[Array, " f"], key: PRNGKeyArray | None) -> Array:
+        """Dropout (with a `key`) and the linear layer, on one example's pooled features."""
+        feats = feats.astype(self.linear.weight.dtype)
         if key is not None and self.dropout > 0:
             keep = jr.bernoulli(key, 1.0 - self.dropout, feats.shape)
             feats = jnp.where(keep, feats / (1.0 - self.dropout), 0.0)
@@ -283,13 +315,19 @@ class Readout(eqx.Module):
         """The real features at every site of one field."""
         if self.field == "real" and jnp.iscomplexobj(z):
             raise TypeError(f"Readout(field='real') expects a real field, got dtype {z.dtype}.")
-        mag = jnp.sqrt(jnp.real(z) ** 2 + jnp.imag(z) ** 2 + 1e-12)
+        if self.field == "real":
+            mag = jnp.sqrt(z**2 + 1e-12)
+            return jnp.concatenate([mag, z] if self.phase_features else [mag], 0)
+        return self._site_planes(jnp.real(z), jnp.imag(z), axis=0)
+
+    def _site_planes(self, re: Array, im: Array, axis: int) -> Array:
+        """A complex field's site features from its real and imaginary parts, in any layout,
+        concatenated along the channel `axis`."""
+        mag = jnp.sqrt(re**2 + im**2 + 1e-12)
         feats = [mag]
-        if self.phase_features and self.field == "real":
-            feats.append(z)
-        elif self.phase_features:
-            feats += [jnp.real(z) / (mag + 1e-6) * mag, jnp.imag(z) / (mag + 1e-6) * mag]
-        return jnp.concatenate(feats, 0)
+        if self.phase_features:
+            feats += [re / (mag + 1e-6) * mag, im / (mag + 1e-6) * mag]
+        return jnp.concatenate(feats, axis)
 
     def _features(
         self, z: Complex[Array, "c h w"], g: int, head: eqx.nn.Linear | None
@@ -305,9 +343,13 @@ def _pool(f: Float[Array, "c h w"], g: int) -> Float[Array, " cgg"]:
     """Adaptive average pooling on the torus grid to `g x g` bins of near-equal size, as two
     small averaging matrices: one contraction, whatever layout `f` arrives in."""
     c, h, w = f.shape
+    _check_pool(h, w, g)
+    return jnp.einsum("ih,chw,jw->cij", _pool_matrix(h, g), f, _pool_matrix(w, g)).reshape(-1)
+
+
+def _check_pool(h: int, w: int, g: int) -> None:
     if h < g or w < g:
         raise ValueError(f"Readout pools to {g}x{g} bins; the field's grid is {h}x{w}.")
-    return jnp.einsum("ih,chw,jw->cij", _pool_matrix(h, g), f, _pool_matrix(w, g)).reshape(-1)
 
 
 class _Masked(eqx.Module):
@@ -631,22 +673,16 @@ class FieldClassifier(eqx.Module):
     def _grid(self, x: Float[Array, "... cin H W"]) -> tuple[int, int]:
         return tuple(int(n) // self.encoder.pool for n in x.shape[-2:])
 
-    def solve_planar(
+    def _solve_planar(
         self,
         x: Float[Array, "b cin H W"],
         *,
         stats_probe=None,
         field_masks: Float[Array, "b c h w"] | None = None,
+        planar_value: bool = False,
         **fixed_point_kwargs: Any,
     ) -> Solution:
-        """Encode a batch and solve its fields as one problem in the planar layout.
-
-        Returns the batch's `ff.Solution` with `value` of shape `(b, c, h, w)` (complex; a
-        tuple of such fields, finest first, for a multi-scale field) and
-        scalar `result` and `stats` (one solve). Differentiating with respect to `stats_probe`
-        gives the backward solve's statistics times `b`, so that, as for `b` per-sample solves,
-        dividing by `b` gives the per-image mean.
-        """
+        """`solve_planar`; with `planar_value`, the value (and trajectory) stay planar."""
         if x.ndim != 4:
             raise ValueError(f"solve_planar expects a batch (b, c, H, W), got shape {x.shape}.")
         if self.field == "real":
@@ -670,11 +706,27 @@ class FieldClassifier(eqx.Module):
         sol = fixed_point(
             fn, self.cell.init_state(injection), injection, stats_probe=stats_probe, **kwargs
         )
-        sol = eqx.tree_at(lambda s: s.value, sol, jax.tree_util.tree_map(from_planar, sol.value))
-        if sol.stats.trajectory is not None:  # (records, 2, h, w, c, b) -> (records, b, c, h, w)
-            traj = jax.tree_util.tree_map(jax.vmap(from_planar), sol.stats.trajectory)
-            sol = eqx.tree_at(lambda s: s.stats.trajectory, sol, traj)
-        return sol
+        return sol if planar_value else _value_from_planar(sol)
+
+    def solve_planar(
+        self,
+        x: Float[Array, "b cin H W"],
+        *,
+        stats_probe=None,
+        field_masks: Float[Array, "b c h w"] | None = None,
+        **fixed_point_kwargs: Any,
+    ) -> Solution:
+        """Encode a batch and solve its fields as one problem in the planar layout.
+
+        Returns the batch's `ff.Solution` with `value` of shape `(b, c, h, w)` (complex; a
+        tuple of such fields, finest first, for a multi-scale field) and
+        scalar `result` and `stats` (one solve). Differentiating with respect to `stats_probe`
+        gives the backward solve's statistics times `b`, so that, as for `b` per-sample solves,
+        dividing by `b` gives the per-image mean.
+        """
+        return self._solve_planar(
+            x, stats_probe=stats_probe, field_masks=field_masks, **fixed_point_kwargs
+        )
 
     def batched(
         self,
@@ -700,7 +752,11 @@ class FieldClassifier(eqx.Module):
         if keys is not None and self.field_dropout:
             grid = self._grid(x)
             masks = jax.vmap(lambda k: self.field_mask(self._field_key(k), grid))(keys)
-        sol = self.solve_planar(x, stats_probe=stats_probe, field_masks=masks, **fixed_point_kwargs)
+        planar = self._solve_planar(
+            x, stats_probe=stats_probe, field_masks=masks, planar_value=True, **fixed_point_kwargs
+        )
+        logits = self.readout.planar(planar.value, keys=keys)
+        sol = _value_from_planar(planar)
         b = x.shape[0]
         traj = sol.stats.trajectory
         stats = dataclasses.replace(sol.stats, trajectory=None)
@@ -711,8 +767,7 @@ class FieldClassifier(eqx.Module):
         if traj is not None:  # each image's own iterates, batch axis first as under vmap
             traj = jax.tree_util.tree_map(lambda t: jnp.swapaxes(t, 0, 1), traj)
             stats = dataclasses.replace(stats, trajectory=traj)
-        sol = Solution(value=sol.value, result=result, stats=stats)
-        return jax.vmap(lambda v, k: self.readout(v, key=k))(sol.value, keys), sol
+        return logits, Solution(value=sol.value, result=result, stats=stats)
 
     def jacobian_penalty(
         self,
@@ -752,6 +807,16 @@ class FieldClassifier(eqx.Module):
             value, injection, keys
         )
         return jnp.mean(per_image)
+
+
+def _value_from_planar(sol: Solution) -> Solution:
+    """A planar solve's value `(2, h, w, c, b)` (and its trajectory) as complex `(b, c, h, w)`
+    fields."""
+    sol = eqx.tree_at(lambda s: s.value, sol, jax.tree_util.tree_map(from_planar, sol.value))
+    if sol.stats.trajectory is not None:  # (records, 2, h, w, c, b) -> (records, b, c, h, w)
+        traj = jax.tree_util.tree_map(jax.vmap(from_planar), sol.stats.trajectory)
+        sol = eqx.tree_at(lambda s: s.stats.trajectory, sol, traj)
+    return sol
 
 
 def _only_defaults(what: str, **options: tuple[Any, Any]) -> None:

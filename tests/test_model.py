@@ -313,6 +313,46 @@ def test_readout_pyramid_pools_the_head_and_checks_grids():
         eqx.filter_eval_shape(ro, (z[0], jnp.ones((6, 8, 8), jnp.complex64)))
 
 
+@pytest.mark.parametrize(
+    "channels, kwargs",
+    [
+        (5, {"grid": 3, "phase_features": True}),
+        (5, {"grid": 2, "hidden": 4, "dropout": 0.3}),
+        ((4, 6), {"grid": 4, "phase_features": True, "dropout": 0.3}),
+        (5, {"grid": 2, "pyramid": (2,), "final_channels": 3}),
+    ],
+    ids=["phase", "head_dropout", "two_scales", "pyramid"],
+)
+def test_readout_on_planar_fields_is_vmap_of_the_readout(channels, kwargs):
+    """`Readout.planar` on a planar batch: the per-image readout of `ff.from_planar`, in
+    values and parameter gradients, with and without dropout keys."""
+    ro = ff.Readout(channels, 7, key=jr.PRNGKey(0), **kwargs)
+    chans = (channels,) if isinstance(channels, int) else channels
+    zs = tuple(
+        jr.normal(jr.PRNGKey(1 + s), (3, c, 8 >> s, 8 >> s), jnp.complex64)
+        for s, c in enumerate(chans)
+    )
+    ps = tuple(ff.to_planar(z) for z in zs)
+    arg = lambda t: t if len(t) > 1 else t[0]  # noqa: E731
+    keys = jr.split(jr.PRNGKey(9), 3)
+
+    @eqx.filter_jit
+    def both(r, k):
+        planar = lambda r: r.planar(arg(ps), keys=k)  # noqa: E731
+        per_image = lambda r: jax.vmap(lambda z, ki: r(z, key=ki))(arg(zs), k)  # noqa: E731
+        return [
+            (f(r), eqx.filter_grad(lambda r, f=f: jnp.sum(jnp.sin(f(r))))(r))
+            for f in (planar, per_image)
+        ]
+
+    for k in (None, keys):
+        (got, got_grad), (want, want_grad) = both(ro, k)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        leaves = map(jax.tree_util.tree_leaves, (got_grad, want_grad))
+        for a, b in zip(*leaves, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_readout_dropout_scales_kept_features_and_is_off_without_key():
     """With a key: a `p` fraction of the pooled features zeroed, the rest scaled by
     `1 / (1 - p)`, unbiased over keys; without one: the plain readout."""
