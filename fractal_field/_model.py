@@ -286,7 +286,9 @@ class Readout(eqx.Module):
         ps = tuple(p) if isinstance(p, (tuple, list)) else (p,)
         if len(ps) != len(self.channels):
             raise ValueError(f"Readout expects {len(self.channels)} fields, got {len(ps)}.")
-        if self.field == "real" or self.pyramid is not None:
+        if self.field == "real":
+            raise ValueError("Readout(field='real') reads real fields; planar fields are complex.")
+        if self.pyramid is not None:
             zs = tuple(from_planar(pi) for pi in ps)
             return jax.vmap(lambda z, k: self(z, key=k))(zs if len(zs) > 1 else zs[0], keys)
         heads = (None,) * len(ps) if self.heads is None else self.heads
