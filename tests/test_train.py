@@ -99,7 +99,7 @@ def test_multiscale_training_checkpoints_and_reloads(tmp_path):
     trains through the same script path, and its checkpoint rebuilds the same model in one
     call."""
     overrides = [
-        "epochs=3",
+        "epochs=2",
         "data.train_size=256",
         "optim.lr=5e-2",
         "optim.warmup_epochs=0.5",
@@ -116,7 +116,7 @@ def test_multiscale_training_checkpoints_and_reloads(tmp_path):
     assert last < 0.7 * first, (first, last)
     loaded = ff.load_model(tmp_path / "checkpoints" / "last.eqx")
     assert isinstance(loaded.cell, ff.MultiScaleCell) and loaded.cell.channels == (4, 4)
-    assert len(rows) == 3 * 256 // 32 and loaded.readout.pyramid is not None
+    assert len(rows) == 2 * 256 // 32 and loaded.readout.pyramid is not None
     for a, b in zip(_params(loaded), _params(summary["model"]), strict=True):
         np.testing.assert_array_equal(a, b)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 8, 8))
@@ -1096,14 +1096,14 @@ t.make_train_step = make_train_step
 @pytest.mark.slow
 def test_lost_process_stops_the_others_and_a_restart_resumes(tmp_path):
     """Two processes (`scripts/train.py --distributed`); one is SIGKILLed at a random step,
-    three times in a row, each process at least once. When process 1 is lost, process 0 exits
+    twice in a row, each process once. When process 1 is lost, process 0 exits
     within the heartbeat timeout with a one-line error naming it and the checkpoint a restart
     resumes from; when process 0 (the coordinator) is lost, JAX may abort process 1 before
     that line is written (its own message then blames the leader). Starting both again
     resumes, and the run ends with the parameters of an uninterrupted one."""
     rng = np.random.default_rng(27)
-    kills = np.sort(rng.choice(np.arange(1, 8), 3, replace=False))  # global steps, of 8
-    victims = [*rng.permutation(2), int(rng.integers(2))]
+    kills = np.sort(rng.choice(np.arange(1, 8), 2, replace=False))  # global steps, of 8
+    victims = list(rng.permutation(2))
     timeout = 5
     overrides = ["data.train_size=128", "checkpoint_every_steps=2"]  # 4 steps an epoch
     env = dict(
