@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train_runs(
-    runs: Sequence[tuple[str, str, Sequence[str]]],
+    runs: Sequence[Sequence[str]],
     summarise: Callable[[str, str], dict],
     *,
     data_dir: str,
