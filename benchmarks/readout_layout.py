@@ -59,12 +59,12 @@ def main():
         inputs = "random images"
     x, y = jnp.asarray(x), jnp.asarray(y)
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    fields = eqx.filter_jit(lambda m, x: m._solve_planar(x, planar_value=True).value)(model, x)
+    fields = eqx.filter_jit(lambda m, x: m.solve_planar(x, planar_value=True).value)(model, x)
 
     def step_fn(read):
         def loss(p):
             m = eqx.combine(p, static)
-            sol = m._solve_planar(x, planar_value=True)
+            sol = m.solve_planar(x, planar_value=True)
             logits = read(m.readout, sol.value)
             return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(y)), y])
 

@@ -675,7 +675,7 @@ class FieldClassifier(eqx.Module):
     def _grid(self, x: Float[Array, "... cin H W"]) -> tuple[int, int]:
         return tuple(int(n) // self.encoder.pool for n in x.shape[-2:])
 
-    def _solve_planar(
+    def solve_planar(
         self,
         x: Float[Array, "b cin H W"],
         *,
@@ -684,7 +684,15 @@ class FieldClassifier(eqx.Module):
         planar_value: bool = False,
         **fixed_point_kwargs: Any,
     ) -> Solution:
-        """`solve_planar`; with `planar_value`, the value (and trajectory) stay planar."""
+        """Encode a batch and solve its fields as one problem in the planar layout.
+
+        Returns the batch's `ff.Solution` with `value` of shape `(b, c, h, w)` (complex; a
+        tuple of such fields, finest first, for a multi-scale field; with `planar_value`, the
+        planar fields `(2, h, w, c, b)` as solved) and scalar `result` and `stats` (one solve).
+        Differentiating with respect to `stats_probe` gives the backward solve's statistics
+        times `b`, so that, as for `b` per-sample solves, dividing by `b` gives the per-image
+        mean.
+        """
         if x.ndim != 4:
             raise ValueError(f"solve_planar expects a batch (b, c, H, W), got shape {x.shape}.")
         if self.field == "real":
@@ -710,26 +718,6 @@ class FieldClassifier(eqx.Module):
         )
         return sol if planar_value else _value_from_planar(sol)
 
-    def solve_planar(
-        self,
-        x: Float[Array, "b cin H W"],
-        *,
-        stats_probe=None,
-        field_masks: Float[Array, "b c h w"] | None = None,
-        **fixed_point_kwargs: Any,
-    ) -> Solution:
-        """Encode a batch and solve its fields as one problem in the planar layout.
-
-        Returns the batch's `ff.Solution` with `value` of shape `(b, c, h, w)` (complex; a
-        tuple of such fields, finest first, for a multi-scale field) and
-        scalar `result` and `stats` (one solve). Differentiating with respect to `stats_probe`
-        gives the backward solve's statistics times `b`, so that, as for `b` per-sample solves,
-        dividing by `b` gives the per-image mean.
-        """
-        return self._solve_planar(
-            x, stats_probe=stats_probe, field_masks=field_masks, **fixed_point_kwargs
-        )
-
     def batched(
         self,
         x: Float[Array, "b cin H W"],
@@ -754,7 +742,7 @@ class FieldClassifier(eqx.Module):
         if keys is not None and self.field_dropout:
             grid = self._grid(x)
             masks = jax.vmap(lambda k: self.field_mask(self._field_key(k), grid))(keys)
-        planar = self._solve_planar(
+        planar = self.solve_planar(
             x, stats_probe=stats_probe, field_masks=masks, planar_value=True, **fixed_point_kwargs
         )
         logits = self.readout.planar(planar.value, keys=keys)
