@@ -96,6 +96,7 @@ from ._solver import (
     Multigrid as Multigrid,
     Naive as Naive,
     Reversible as Reversible,
+    chebyshev_damping as chebyshev_damping,
 )
 from ._symmetric import (
     ENERGY_ACTIVATIONS as ENERGY_ACTIVATIONS,

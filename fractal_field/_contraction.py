@@ -160,6 +160,11 @@ class ContractiveToroidalConv(eqx.Module):
 
     effective = normalised
 
+    def coarsened(self) -> ToroidalConv:
+        """The rescaled convolution on a grid twice as coarse (`ToroidalConv.coarsened`), as
+        a plain conv: the rescaling is that of the fine kernel, not recomputed."""
+        return self.normalised().coarsened()
+
     def operator(
         self, h: int, w: int, *, impl: Impl | None = None
     ) -> DirectOperator | SpectralOperator:

@@ -323,6 +323,24 @@ class ToroidalConv(eqx.Module):
         z = _as_field(z, self.weight.dtype, self.in_channels, "ToroidalConv")
         return self.operator(z.shape[1], z.shape[2], impl=impl)(z)
 
+    def coarsened(self) -> "ToroidalConv":
+        """The same operator on a grid twice as coarse, for smooth fields.
+
+        The same kernel on a coarser grid reaches twice as far: a diffusion-like stencil
+        comes out 4x stronger relative to its pointwise part. Here each kernel's moments
+        along each axis, `sum_a (a - c)^p K[a]` for `p < k`, are scaled by `2^-p` (one
+        coarse cell spans two fine ones): exact on fields that are polynomials of degree
+        `< k` along each axis, on every scale (the moments of a dilated kernel scale alike).
+        `ff.Multigrid(coarsen_layers=True)` uses it on its coarser grids.
+        """
+        k = self.kernel_size
+        offsets = np.arange(k) - k // 2
+        vander = offsets[None, :] ** np.arange(k)[:, None]  # moments from taps
+        rescale = np.linalg.solve(vander, np.diag(0.5 ** np.arange(k)) @ vander)
+        t = jnp.asarray(rescale, jnp.real(self.weight).dtype)
+        weight = jnp.einsum("ia,...ab,jb->...ij", t, self.weight, t).astype(self.weight.dtype)
+        return eqx.tree_at(lambda c: c.weight, self, weight)
+
     def operator_norm(self, h: int, w: int) -> Array:
         """Exact operator (spectral) norm on the `h x w` torus (Sedghi, Gupta & Long 2019):
         the largest singular value over the per-frequency `cout x cin` matrices. Uses a batched

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 import equinox as eqx
@@ -64,6 +65,26 @@ def prolong(x: Inexact[Array, "*b h w"], mode: Prolongation = "bilinear") -> Arr
     return x
 
 
+def chebyshev_damping(low: float, high: float, steps: int) -> tuple[float, ...]:
+    """Step sizes for `steps` smoothing steps that damp every error mode whose eigenvalue
+    `mu` of `I - f'(z)` lies in `[low, high]` (`0 < low < high`) by the least possible
+    factor: `max |prod_k (1 - w_k mu)|`, the scaled Chebyshev polynomial of degree `steps`.
+
+    For `Multigrid(damping=...)`: `[low, high]` should hold the modes the smoother must damp,
+    the ones too rough for the next coarser grid (for a cell `z <- (1 - a) z + a g(z)`,
+    `mu = a (1 - lambda)` for the eigenvalues `lambda` of `g'` at high frequencies) and, if the
+    map holds some entries fixed (`f(z)_i = c_i`, e.g. known pixels), `mu = 1`. Ordered from
+    the smallest step size to the largest.
+    """
+    if not 0 < low < high:
+        raise ValueError(f"chebyshev_damping needs 0 < low < high, got low={low}, high={high}.")
+    if steps < 1:
+        raise ValueError(f"chebyshev_damping(steps={steps}) must be >= 1.")
+    mid, half = (high + low) / 2, (high - low) / 2
+    nodes = [mid + half * math.cos((2 * k + 1) * math.pi / (2 * steps)) for k in range(steps)]
+    return tuple(1 / x for x in nodes)
+
+
 def _grid(z: PyTree) -> tuple[int, int]:
     leaves = jtu.tree_flatten_with_path(z)[0]
     grids = {tuple(x.shape[-2:]) for _, x in leaves if len(x.shape) >= 2}
@@ -101,6 +122,17 @@ def _coarsen_tree(tree: PyTree, grid: tuple[int, int], mode: Restriction) -> PyT
     return jtu.tree_map(leaf, tree)
 
 
+def _has_coarsened(x) -> bool:
+    return isinstance(x, eqx.Module) and callable(getattr(x, "coarsened", None))
+
+
+def _coarsen_layers(tree: PyTree) -> PyTree:
+    """Every layer with a `coarsened()` method replaced by what it returns."""
+    return jtu.tree_map(
+        lambda x: x.coarsened() if _has_coarsened(x) else x, tree, is_leaf=_has_coarsened
+    )
+
+
 class Multigrid(AbstractFixedPointSolver):
     """Nonlinear multigrid V-cycle (Full Approximation Scheme) for `z = f(z)` on a torus.
 
@@ -116,7 +148,12 @@ class Multigrid(AbstractFixedPointSolver):
     - `levels`: number of grids, each halving `H` and `W` (`levels=1` is damped Picard).
     - `pre_smooth`, `post_smooth`: smoothing steps before and after the correction.
     - `coarse_steps`: smoothing steps on the coarsest grid.
-    - `damping`: smoother step size `w` in (0, 1].
+    - `damping`: smoother step size `w > 0`, or a sequence of them taken in turn by the steps
+      of every smoothing sweep (restarting with each sweep). Above 1 the step over-relaxes:
+      the smoother's job is to damp the error modes the coarser grid cannot represent, and a
+      step size fitted to their eigenvalues damps them much faster than `w = 1` (see
+      `ff.chebyshev_damping`, which also keeps the modes the map holds fixed, such as
+      clamped pixels, damped).
     - `restriction`: `"average"` (2x2 mean, default) or `"full_weighting"`.
     - `prolongation`: `"bilinear"` (periodic, default) or `"constant"` (piecewise constant).
     - `correction`: `"minimal_residual"` (default) scales the prolonged correction by the
@@ -125,6 +162,11 @@ class Multigrid(AbstractFixedPointSolver):
       rough model of the fine one (a fixed 3x3 stencil reaches twice as far on a grid twice
       as coarse) and an under-solved coarsest grid; it costs no extra evaluation.
     - `max_correction`: upper bound on `alpha`.
+    - `coarsen_layers`: on every coarser grid, replace each layer of `fn` that has a
+      `coarsened()` method (e.g. `ff.ToroidalConv`; `fn` an `eqx.Module` holding it) by the
+      layer it returns, the same operator on smooth fields one grid coarser. Without it a
+      fixed stencil acts on the coarse grid as it is and reaches twice as far. Layers in a
+      plain function's closure are not reached.
     - `residual_scale`: multiplies the residual restricted to each coarser grid. A fixed 3x3
       stencil that acts as a second-order (diffusion) operator is `4x` stronger on smooth
       errors one grid coarser, so its coarse correction comes out `4x` too small: `4` (with
@@ -161,12 +203,13 @@ class Multigrid(AbstractFixedPointSolver):
     pre_smooth: int = 2
     post_smooth: int = 2
     coarse_steps: int = 20
-    damping: float = 1.0
+    damping: float | tuple[float, ...] = 1.0
     restriction: Restriction = "average"
     prolongation: Prolongation = "bilinear"
     correction: Literal["minimal_residual", "unit"] = "minimal_residual"
     max_correction: float = 4.0
     residual_scale: float = 1.0
+    coarsen_layers: bool = False
 
     # `fn` is called on coarser grids, so the driver must not closure-convert it.
     resolution_agnostic: ClassVar[bool] = True
@@ -178,8 +221,12 @@ class Multigrid(AbstractFixedPointSolver):
             raise ValueError("Multigrid(pre_smooth=..., post_smooth=...) must be >= 0.")
         if self.coarse_steps < 1:
             raise ValueError(f"Multigrid(coarse_steps={self.coarse_steps}) must be >= 1.")
-        if not 0 < self.damping <= 1:
-            raise ValueError(f"Multigrid(damping={self.damping}): damping must lie in (0, 1].")
+        weights = self.damping if isinstance(self.damping, tuple) else (self.damping,)
+        if not weights or not all(isinstance(w, (int, float)) and 0 < w < 1e3 for w in weights):
+            raise ValueError(
+                f"Multigrid(damping={self.damping}): damping must be a positive number or a "
+                "non-empty tuple of them."
+            )
         if self.restriction not in ("average", "full_weighting"):
             raise ValueError("Multigrid(restriction=...) must be 'average' or 'full_weighting'.")
         if self.prolongation not in ("bilinear", "constant"):
@@ -234,7 +281,8 @@ class Multigrid(AbstractFixedPointSolver):
         """`fn` and `args` at every level, restricting fine-grid array leaves."""
         fns, argss = [fn], [args]
         for _ in range(1, self.levels):
-            fns.append(_coarsen_tree(fns[-1], grid, self.restriction))
+            coarse = _coarsen_tree(fns[-1], grid, self.restriction)
+            fns.append(_coarsen_layers(coarse) if self.coarsen_layers else coarse)
             argss.append(_coarsen_tree(argss[-1], grid, self.restriction))
             grid = (grid[0] // 2, grid[1] // 2)
         return fns, argss
@@ -260,22 +308,28 @@ class Multigrid(AbstractFixedPointSolver):
             work += cost
             return fns[level](z, argss[level])
 
-        def update(z, fz):
-            return tree_lerp(z, fz if b is None else tree_add(fz, b), self.damping)
+        weights = self.damping if isinstance(self.damping, tuple) else (self.damping,)
+
+        def update(z, fz, i):
+            # The i-th step of a sweep takes the i-th step size, cyclically.
+            w = weights[i % len(weights)] if isinstance(i, int) else jnp.asarray(weights)[i]
+            return tree_lerp(z, fz if b is None else tree_add(fz, b), w)
 
         def smooth(z, fz, steps):
             if steps == 0:
                 return z, fz
+            first = 0
             if fz is not None:
-                z, fz, steps = update(z, fz), None, steps - 1
-            if steps > 2:
-                body = lambda _, z: update(z, fns[level](z, argss[level]))
-                z = jax.lax.fori_loop(0, steps, body, z)
+                z, fz, first = update(z, fz, 0), None, 1
+            if steps - first > 2:
+                n = len(weights)
+                body = lambda i, z: update(z, fns[level](z, argss[level]), i % n)
+                z = jax.lax.fori_loop(first, steps, body, z)
                 nonlocal work
-                work += cost * steps
+                work += cost * (steps - first)
             else:
-                for _ in range(steps):
-                    z = update(z, evaluate(z))
+                for i in range(first, steps):
+                    z = update(z, evaluate(z), i)
             return z, None
 
         if level == self.levels - 1:
