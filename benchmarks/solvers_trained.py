@@ -56,6 +56,9 @@ def solvers(layout: str, grid: int) -> dict:
         "naive": ff.Naive(),
         "anderson5": ff.Anderson(history=5),
         "anderson3": ff.Anderson(history=3),
+        # Periodic Anderson: mix every 2nd / 3rd evaluation, plain steps between.
+        "anderson3_p2": ff.Anderson(history=3, period=2),
+        "anderson5_p3": ff.Anderson(history=5, period=3),
         "broyden": ff.Broyden(memory=10),
     }
     if layout == "per_sample":  # the planar layout needs a solver that stays on one grid

@@ -266,11 +266,71 @@ def test_anderson_faster_than_naive_on_slow_contraction():
     naive = SOLVE(_linear, z0, args, solver=ff.Naive(), **kw)
     assert _is(naive.result, ff.RESULTS.successful)
     assert int(naive.stats.num_steps) > 300
-    for coefficients in ["complex", "real"]:
-        anderson = SOLVE(_linear, z0, args, solver=ff.Anderson(coefficients=coefficients), **kw)
+    for coefficients, period in [("complex", 1), ("real", 1), ("complex", 3)]:
+        solver = ff.Anderson(coefficients=coefficients, period=period)
+        anderson = SOLVE(_linear, z0, args, solver=solver, **kw)
         assert _is(anderson.result, ff.RESULTS.successful)
         np.testing.assert_allclose(np.asarray(anderson.value), expected, atol=1e-8)
-        assert int(anderson.stats.num_steps) < int(naive.stats.num_steps) // 3
+        assert float(anderson.stats.num_fn_evals) < float(naive.stats.num_fn_evals) / 3
+
+
+def _periodic_anderson_reference(fn, z0, args, history, period, mixing, ridge, steps, real):
+    """Anderson with `period - 1` mixed steps between mixings, written out in NumPy: the
+    residual norm after each Anderson step."""
+    gs, fs = [], []
+
+    def push(z, fz):
+        gs.append(fz - z)
+        fs.append(fz)
+        del gs[:-history], fs[:-history]
+
+    z = np.asarray(z0)
+    fz = np.asarray(fn(z, args))
+    trace = [np.linalg.norm(fz - z)]
+    for _ in range(steps):
+        for _ in range(period - 1):
+            push(z, fz)
+            z = z + mixing * (fz - z)
+            fz = np.asarray(fn(z, args))
+        push(z, fz)
+        gram = np.array([[np.vdot(a, b) for b in gs] for a in gs])
+        gram = gram.real if real else gram
+        scale = np.mean(np.real(np.diag(gram)))
+        gram = gram + (ridge * scale + np.finfo(np.float64).tiny) * np.eye(len(gs))
+        alpha = np.linalg.solve(gram, np.ones(len(gs)))
+        alpha = alpha / alpha.sum()
+        z = sum(a * (f - (1 - mixing) * g) for a, f, g in zip(alpha, fs, gs, strict=True))
+        fz = np.asarray(fn(z, args))
+        trace.append(np.linalg.norm(fz - z))
+    return np.array(trace)
+
+
+@pytest.mark.parametrize(
+    "period, history, mixing, coefficients",
+    [(2, 5, 1.0, "complex"), (3, 4, 0.7, "real"), (3, 2, 1.0, "complex")],
+)
+def test_periodic_anderson_matches_reference(period, history, mixing, coefficients):
+    rng = np.random.default_rng(7)
+    n, steps = 6, 6
+    args = (jnp.asarray(_matrix(rng, n, 0.95, True)), jnp.asarray(_vector(rng, n, True)))
+    z0 = jnp.zeros(n, jnp.complex128)
+    solver = ff.Anderson(history=history, mixing=mixing, coefficients=coefficients, period=period)
+    sol = SOLVE(
+        _linear,
+        z0,
+        args,
+        solver=solver,
+        max_steps=steps,
+        rtol=0.0,
+        atol=0.0,
+        residual_trace=True,
+        throw=False,
+    )
+    expected = _periodic_anderson_reference(
+        _linear, z0, args, history, period, mixing, 1e-4, steps, coefficients == "real"
+    )
+    np.testing.assert_allclose(np.asarray(sol.stats.residual_trace), expected, rtol=1e-8)
+    assert float(sol.stats.num_fn_evals) == 1 + period * steps
 
 
 # ---------------------------------------------------------------------------------------
@@ -956,6 +1016,7 @@ def test_fn_that_fails_to_trace_is_reported():
         (lambda: ff.Anderson(mixing=0.0), "mixing"),
         (lambda: ff.Anderson(mixing=1.1), "mixing"),
         (lambda: ff.Anderson(ridge=-1e-3), "ridge"),
+        (lambda: ff.Anderson(period=0), "period"),
         (lambda: ff.Anderson(coefficients="imaginary"), "coefficients"),
         (lambda: ff.Broyden(memory=0), "memory"),
         (lambda: ff.Broyden(step_size=0.0), "step_size"),

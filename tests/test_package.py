@@ -23,3 +23,18 @@ def test_changelog_lists_this_version():
 
     changelog = Path(__file__).resolve().parents[1] / "CHANGELOG.md"
     assert f"## [{ff.__version__}]" in changelog.read_text()
+
+
+@pytest.mark.parametrize(
+    "path, load",
+    [
+        ("checkpoints/mnist_nano.eqx", ff.load_model),
+        ("checkpoints/cifar10_small.eqx", ff.load_model),
+        ("checkpoints/inpaint_field.eqx", ff.load_inpaint),
+    ],
+)
+def test_shipped_checkpoints_load(path, load):
+    """A new field in a module that models hold (a solver's hyperparameter) must not change the
+    layout of the shipped checkpoints."""
+    model = load(path)
+    assert model is not None

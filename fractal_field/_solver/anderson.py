@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Inexact, Int
 
-from ._planes import combine, inner_row, planes
+from ._planes import combine, gram as _gram, inner_row, planes
 from .base import AbstractFixedPointSolver
 
 
@@ -43,6 +43,15 @@ class Anderson(AbstractFixedPointSolver):
       mix real and complex leaves always use real weights (a complex weight would be cut to
       its real part on the real leaves).
 
+    - `period`: mix every `period`-th evaluation (periodic Pulay, or Alternating
+      Anderson-Richardson; Banerjee et al. 2016, Pratapa & Suryanarayana 2015). One `step`
+      takes `period - 1` plain mixed steps, whose pairs join the history, then the Anderson
+      step; the least-squares Gram matrix is formed once per step from the whole history.
+      Per evaluation this reads the history `period` times less often, which pays where the
+      history passes cost as much as the map (large states, cheap maps), at about the same
+      number of evaluations; the stopping test runs once per `step`, so a solve may take up to
+      `period - 1` evaluations more than it needs.
+
     When the weights come out non-finite the step falls back to a plain mixed step and the
     history restarts (counted in the state as `restarts`).
     """
@@ -51,6 +60,8 @@ class Anderson(AbstractFixedPointSolver):
     mixing: float = 1.0
     ridge: float = 1e-4
     coefficients: Literal["complex", "real"] = "complex"
+    # Static, so that checkpoints of models that hold a solver keep their layout.
+    period: int = eqx.field(static=True, default=1)
 
     def __check_init__(self):
         if self.history < 1:
@@ -61,6 +72,8 @@ class Anderson(AbstractFixedPointSolver):
             raise ValueError(f"Anderson(ridge={self.ridge}): ridge must be >= 0.")
         if self.coefficients not in ("complex", "real"):
             raise ValueError("Anderson(coefficients=...) must be 'complex' or 'real'.")
+        if self.period < 1:
+            raise ValueError(f"Anderson(period={self.period}): period must be >= 1.")
 
     def init(self, fn, y, fy, args):
         flat, _ = ravel_pytree(y)
@@ -70,23 +83,28 @@ class Anderson(AbstractFixedPointSolver):
 
     def step(self, fn, y, fy, args, state: _AndersonState):
         # Memory-bound on large states: per step, one pass over the residual history (the new
-        # Gram row) and one over the f-history (the mixed iterate), two each with complex
-        # weights; nothing else of size m x n.
-        y_flat, unravel = ravel_pytree(y)
-        fy_flat, _ = ravel_pytree(fy)
+        # Gram row, or the whole Gram matrix once per period) and one over the f-history (the
+        # mixed iterate), two each with complex weights; nothing else of size m x n.
         m = self.history
-        slot = state.count % m
-        g_new = planes(fy_flat - y_flat)
-        f_new = planes(fy_flat)
-        gs = tuple(h.at[slot].set(v) for h, v in zip(state.gs, g_new, strict=True))
-        fys = tuple(h.at[slot].set(v) for h, v in zip(state.fys, f_new, strict=True))
-        valid: Bool[Array, " m"] = jnp.arange(m) < jnp.minimum(state.count + 1, m)
-
         leaves = jax.tree_util.tree_leaves(y)
         mixed = len({jnp.iscomplexobj(x) for x in leaves}) > 1
         real_coef = self.coefficients == "real" or mixed or not jnp.iscomplexobj(state.gram)
-        row = inner_row(gs, g_new, real_coef, state.gram.dtype)
-        full = state.gram.at[:, slot].set(row).at[slot, :].set(jnp.conj(row))
+        gs, fys, count, full = state.gs, state.fys, state.count, state.gram
+        for _ in range(self.period - 1):
+            gs, fys, slot, _ = self._push(gs, fys, count, y, fy)
+            count = count + 1
+            y = jax.tree_util.tree_map(
+                lambda a, b: (a + self.mixing * (b - a)).astype(a.dtype), y, fy
+            )
+            fy = fn(y, args)
+        y_flat, unravel = ravel_pytree(y)
+        gs, fys, slot, g_new = self._push(gs, fys, count, y, fy)
+        if self.period == 1:  # one new row and column
+            row = inner_row(gs, g_new, real_coef, full.dtype)
+            full = full.at[:, slot].set(row).at[slot, :].set(jnp.conj(row))
+        else:  # the whole matrix, once per period
+            full = _gram(gs, real_coef, full.dtype)
+        valid: Bool[Array, " m"] = jnp.arange(m) < jnp.minimum(count + 1, m)
         gram = jnp.real(full) if real_coef else full
         both = valid[:, None] & valid[None, :]
         diag = jnp.real(jnp.diagonal(gram))
@@ -109,8 +127,18 @@ class Anderson(AbstractFixedPointSolver):
             y_new_flat = jax.lax.complex(*y_new).astype(y_flat.dtype)
         else:
             y_new_flat = y_new[0].astype(y_flat.dtype)
-        count = jnp.where(ok, state.count + 1, 0)
+        count = jnp.where(ok, count + 1, 0)
         restarts = state.restarts + (~ok).astype(jnp.int32)
         new_state = _AndersonState(gs, fys, full, count, restarts)
         y_new = unravel(y_new_flat)
-        return y_new, fn(y_new, args), new_state, 1.0
+        return y_new, fn(y_new, args), new_state, float(self.period)
+
+    def _push(self, gs, fys, count, y, fy):
+        """The pair `(y, fy)` written to history slot `count % m`."""
+        y_flat, _ = ravel_pytree(y)
+        fy_flat, _ = ravel_pytree(fy)
+        slot = count % self.history
+        g_new = planes(fy_flat - y_flat)
+        gs = tuple(h.at[slot].set(v) for h, v in zip(gs, g_new, strict=True))
+        fys = tuple(h.at[slot].set(v) for h, v in zip(fys, planes(fy_flat), strict=True))
+        return gs, fys, slot, g_new

@@ -209,7 +209,8 @@ class Multigrid(AbstractFixedPointSolver):
     correction: Literal["minimal_residual", "unit"] = "minimal_residual"
     max_correction: float = 4.0
     residual_scale: float = 1.0
-    coarsen_layers: bool = False
+    # Static, so that checkpoints of models that hold a solver keep their layout.
+    coarsen_layers: bool = eqx.field(static=True, default=False)
 
     # `fn` is called on coarser grids, so the driver must not closure-convert it.
     resolution_agnostic: ClassVar[bool] = True
