@@ -34,14 +34,3 @@ def combine(coef: Inexact[Array, " m"], hist) -> tuple[Float[Array, " n"], ...]:
         return ar @ hr, ar @ hi
     ai = jnp.imag(coef).astype(hr.dtype)
     return ar @ hr - ai @ hi, ar @ hi + ai @ hr
-
-
-def gram(hist, real_coef: bool, dtype):
-    """`G[i, j] = <h_i, h_j> = sum conj(h_i) h_j` (its real part if `real_coef`)."""
-    if len(hist) == 1:
-        return (hist[0] @ hist[0].T).astype(dtype)
-    hr, hi = hist
-    re = hr @ hr.T + hi @ hi.T
-    if real_coef:
-        return re.astype(dtype)
-    return jax.lax.complex(re, hr @ hi.T - hi @ hr.T).astype(dtype)

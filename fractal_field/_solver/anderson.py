@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Inexact, Int
 
-from ._planes import combine, gram as _gram, inner_row, planes
+from ._planes import combine, inner_row, planes
 from .base import AbstractFixedPointSolver
 
 
@@ -46,11 +46,9 @@ class Anderson(AbstractFixedPointSolver):
     - `period`: mix every `period`-th evaluation (periodic Pulay, or Alternating
       Anderson-Richardson; Banerjee et al. 2016, Pratapa & Suryanarayana 2015). One `step`
       takes `period - 1` plain mixed steps, whose pairs join the history, then the Anderson
-      step; the least-squares Gram matrix is formed once per step from the whole history.
-      Per evaluation this reads the history `period` times less often, which pays where the
-      history passes cost as much as the map (large states, cheap maps), at about the same
-      number of evaluations; the stopping test runs once per `step`, so a solve may take up to
-      `period - 1` evaluations more than it needs.
+      step. The mixed iterate, one pass over the f-history, is formed once per step, not
+      once per evaluation; the stopping test also runs once per step, so a solve may take up
+      to `period - 1` evaluations more than it needs.
 
     When the weights come out non-finite the step falls back to a plain mixed step and the
     history restarts (counted in the state as `restarts`).
@@ -82,28 +80,23 @@ class Anderson(AbstractFixedPointSolver):
         return _AndersonState(buf, buf, gram, jnp.array(0), jnp.array(0))
 
     def step(self, fn, y, fy, args, state: _AndersonState):
-        # Memory-bound on large states: per step, one pass over the residual history (the new
-        # Gram row, or the whole Gram matrix once per period) and one over the f-history (the
-        # mixed iterate), two each with complex weights; nothing else of size m x n.
+        # Memory-bound on large states: per evaluation one pass over the residual history (the
+        # new Gram row), and per step one over the f-history (the mixed iterate), two each with
+        # complex weights; nothing else of size m x n.
         m = self.history
         leaves = jax.tree_util.tree_leaves(y)
         mixed = len({jnp.iscomplexobj(x) for x in leaves}) > 1
         real_coef = self.coefficients == "real" or mixed or not jnp.iscomplexobj(state.gram)
         gs, fys, count, full = state.gs, state.fys, state.count, state.gram
         for _ in range(self.period - 1):
-            gs, fys, slot, _ = self._push(gs, fys, count, y, fy)
+            gs, fys, full, _ = self._push(gs, fys, full, count, y, fy, real_coef)
             count = count + 1
             y = jax.tree_util.tree_map(
                 lambda a, b: (a + self.mixing * (b - a)).astype(a.dtype), y, fy
             )
             fy = fn(y, args)
         y_flat, unravel = ravel_pytree(y)
-        gs, fys, slot, g_new = self._push(gs, fys, count, y, fy)
-        if self.period == 1:  # one new row and column
-            row = inner_row(gs, g_new, real_coef, full.dtype)
-            full = full.at[:, slot].set(row).at[slot, :].set(jnp.conj(row))
-        else:  # the whole matrix, once per period
-            full = _gram(gs, real_coef, full.dtype)
+        gs, fys, full, slot = self._push(gs, fys, full, count, y, fy, real_coef)
         valid: Bool[Array, " m"] = jnp.arange(m) < jnp.minimum(count + 1, m)
         gram = jnp.real(full) if real_coef else full
         both = valid[:, None] & valid[None, :]
@@ -133,12 +126,16 @@ class Anderson(AbstractFixedPointSolver):
         y_new = unravel(y_new_flat)
         return y_new, fn(y_new, args), new_state, float(self.period)
 
-    def _push(self, gs, fys, count, y, fy):
-        """The pair `(y, fy)` written to history slot `count % m`."""
+    def _push(self, gs, fys, full, count, y, fy, real_coef):
+        """The pair `(y, fy)` written to history slot `count % m`, with its Gram row."""
         y_flat, _ = ravel_pytree(y)
         fy_flat, _ = ravel_pytree(fy)
         slot = count % self.history
         g_new = planes(fy_flat - y_flat)
         gs = tuple(h.at[slot].set(v) for h, v in zip(gs, g_new, strict=True))
         fys = tuple(h.at[slot].set(v) for h, v in zip(fys, planes(fy_flat), strict=True))
-        return gs, fys, slot, g_new
+        # One new row and column (a full `G G^T` product runs several times slower on XLA:CPU
+        # than these matrix-vector products).
+        row = inner_row(gs, g_new, real_coef, full.dtype)
+        full = full.at[:, slot].set(row).at[slot, :].set(jnp.conj(row))
+        return gs, fys, full, slot
