@@ -52,7 +52,7 @@ from solvers_trained import time_variants  # noqa: E402
 
 # The Multigrid settings per model (chosen with `--tune` on each; `levels_offset` adds levels
 # below the 8x8 grid; `chebyshev=s`: `s` smoothing step sizes from `ff.chebyshev_damping` over
-# the model's `smoothing_interval`).
+# the model's `smoothing_interval`, from `FractalCell.smoothing_interval`).
 MULTIGRID = {
     "trained": dict(
         coarsen_layers=True, correction="unit", pre_smooth=3, post_smooth=3, chebyshev=3
@@ -88,19 +88,11 @@ TUNE = {
 }
 
 
-def smoothing_interval(model: ff.InpaintField, n: int = 64) -> tuple[float, float]:
-    """The real parts of the eigenvalues `mu` of `I - f'` that the smoother must damp, from the
-    cell's Fourier symbol: `mu = a (1 - lambda)` for the eigenvalues `lambda` of the kernel's
-    `c x c` matrix at the frequencies an 2x coarser grid cannot hold (the activation taken as
-    the identity), and `mu = 1` on the known pixels (the map holds them fixed)."""
-    cell = model.cell.normalized()
-    a = float(cell.alpha())
-    symbol = np.asarray(cell.conv.spectrum(n, n))  # (c, c, n, n)
-    k = np.minimum(np.arange(n), n - np.arange(n))
-    rough = np.maximum(k[:, None], k[None]) >= n // 4
-    mats = np.moveaxis(symbol[:, :, rough], -1, 0)
-    mu = a * (1 - np.linalg.eigvals(mats).real)
-    return float(mu.min()), float(max(1.0, mu.max()))
+def smoothing_interval(model: ff.InpaintField) -> tuple[float, float]:
+    """The eigenvalues `mu` of `I - f'` that the smoother must damp: the cell's rough modes
+    (`FractalCell.smoothing_interval`) and `mu = 1` on the known pixels (held fixed)."""
+    low, high = model.cell.smoothing_interval()
+    return low, max(1.0, high)
 
 
 def levels(grid: int, coarsest: int = 8) -> int:

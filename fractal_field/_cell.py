@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Complex, Float, PRNGKeyArray
 
 from ._activation import LIPSCHITZ, Cardioid, CReLU, ModReLU, PhaseTanh, ZReLU
@@ -236,6 +237,28 @@ class FractalCell(eqx.Module):
         if self.expand is None:
             return cell
         return eqx.tree_at(lambda c: c.expand, cell, self.expand.effective())
+
+    def smoothing_interval(self, grid: int = 64) -> tuple[float, float]:
+        """The range of `Re mu` over the eigenvalues `mu` of `I - J` at the frequencies a 2x
+        coarser grid cannot hold, `J` the cell's Jacobian with the activation taken as the
+        identity: `mu = alpha (1 - lambda)`, `lambda` the eigenvalues of the kernel's
+        `c x c` symbol at frequencies with `max(|k_x|, |k_y|) >= grid / 4`. For
+        `ff.chebyshev_damping` in a multigrid smoother (`ff.Multigrid(damping=...)`).
+        Cells with an expansion layer or group norm have no such symbol."""
+        if self.expand is not None or self.norm is not None:
+            raise ValueError(
+                "FractalCell.smoothing_interval needs a cell whose linear part is one "
+                "convolution (no expansion layer, no group norm)."
+            )
+        if grid < 4 or grid % 4:
+            raise ValueError(f"smoothing_interval(grid={grid}) must be a multiple of 4.")
+        conv = self.normalized().conv
+        symbol = np.asarray(conv.spectrum(grid, grid))  # (c, c, grid, grid)
+        k = np.minimum(np.arange(grid), grid - np.arange(grid))
+        rough = np.maximum(k[:, None], k[None]) >= grid // 4
+        mats = np.moveaxis(symbol[:, :, rough], -1, 0)
+        mu = float(self.alpha()) * (1 - np.linalg.eigvals(mats).real)
+        return float(mu.min()), float(mu.max())
 
     def lipschitz_bound(self, h: int, w: int):
         """Upper bound of the cell's Lipschitz constant on an `h x w` torus (`inf` with

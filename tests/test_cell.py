@@ -287,3 +287,16 @@ def test_norm_errors_name_the_problem():
         _group_norm()(jnp.zeros((4, 5, 5), jnp.complex64))
     with pytest.raises(ValueError, match=r"planar fields \(2, h, w, 6, b\)"):
         _group_norm().planar(jnp.zeros((2, 5, 5, 4, 1)))
+
+
+def test_smoothing_interval_of_the_binomial_cell():
+    """The binomial 3x3 average has symbol `b(kx) b(ky)`, `b = (1 + cos) / 2`, which is at most
+    1/2 and at least 0 where one frequency is at least a quarter of the grid: with relaxation
+    `a = 0.5` the smoother must damp `mu = a (1 - lambda)` in `[0.25, 0.5]`."""
+    cell = ff.InpaintField(2, alpha=0.5, init_noise=0.0, key=jax.random.PRNGKey(0)).cell
+    np.testing.assert_allclose(cell.smoothing_interval(16), (0.25, 0.5), atol=1e-6)
+    expanded = ff.FractalCell(2, hidden=4, key=jax.random.PRNGKey(1))
+    with pytest.raises(ValueError, match="no expansion layer"):
+        expanded.smoothing_interval()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        cell.smoothing_interval(10)
