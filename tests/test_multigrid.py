@@ -319,9 +319,10 @@ def test_error_state_without_grid():
         ff.fixed_point(lambda z, _: z, {"a": jnp.ones(8)}, solver=Multigrid())
     with pytest.raises(ValueError, match="levels must be >= 1"):
         Multigrid(levels=0)
-    for bad in (0.0, -1.0, (), (1.0, -0.5)):
+    for bad in (0.0, -1.0, (), (1.0, -0.5), (1.0, float("inf"))):
         with pytest.raises(ValueError, match="damping must be a positive number"):
             Multigrid(damping=bad)
+    assert Multigrid(damping=[1.5, 2.0]).damping == (1.5, 2.0)  # a config's list
     with pytest.raises(ValueError, match="0 < low < high"):
         ff.chebyshev_damping(0.5, 0.2, 2)
     with pytest.raises(ValueError, match="steps"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import ClassVar, Literal
 
 import equinox as eqx
@@ -122,6 +123,11 @@ def _coarsen_tree(tree: PyTree, grid: tuple[int, int], mode: Restriction) -> PyT
     return jtu.tree_map(leaf, tree)
 
 
+def _as_damping(d):
+    """A list of step sizes (as configs store them) as a tuple."""
+    return tuple(d) if isinstance(d, list) else d
+
+
 def _has_coarsened(x) -> bool:
     return isinstance(x, eqx.Module) and callable(getattr(x, "coarsened", None))
 
@@ -203,7 +209,7 @@ class Multigrid(AbstractFixedPointSolver):
     pre_smooth: int = 2
     post_smooth: int = 2
     coarse_steps: int = 20
-    damping: float | tuple[float, ...] = 1.0
+    damping: float | tuple[float, ...] = eqx.field(default=1.0, converter=_as_damping)
     restriction: Restriction = "average"
     prolongation: Prolongation = "bilinear"
     correction: Literal["minimal_residual", "unit"] = "minimal_residual"
@@ -223,10 +229,11 @@ class Multigrid(AbstractFixedPointSolver):
         if self.coarse_steps < 1:
             raise ValueError(f"Multigrid(coarse_steps={self.coarse_steps}) must be >= 1.")
         weights = self.damping if isinstance(self.damping, tuple) else (self.damping,)
-        if not weights or not all(isinstance(w, (int, float)) and 0 < w < 1e3 for w in weights):
+        ok = all(isinstance(w, numbers.Real) and math.isfinite(w) and w > 0 for w in weights)
+        if not weights or not ok:
             raise ValueError(
                 f"Multigrid(damping={self.damping}): damping must be a positive number or a "
-                "non-empty tuple of them."
+                "non-empty sequence of them."
             )
         if self.restriction not in ("average", "full_weighting"):
             raise ValueError("Multigrid(restriction=...) must be 'average' or 'full_weighting'.")
