@@ -89,14 +89,17 @@ class Anderson(AbstractFixedPointSolver):
         real_coef = self.coefficients == "real" or mixed or not jnp.iscomplexobj(state.gram)
         gs, fys, count, full = state.gs, state.fys, state.count, state.gram
         for _ in range(self.period - 1):
-            gs, fys, full, _ = self._push(gs, fys, full, count, y, fy, real_coef)
+            flats = ravel_pytree(y)[0], ravel_pytree(fy)[0]
+            gs, fys, full, _ = self._push(gs, fys, full, count, *flats, real_coef)
             count = count + 1
             y = jax.tree_util.tree_map(
                 lambda a, b: (a + self.mixing * (b - a)).astype(a.dtype), y, fy
             )
             fy = fn(y, args)
         y_flat, unravel = ravel_pytree(y)
-        gs, fys, full, slot = self._push(gs, fys, full, count, y, fy, real_coef)
+        gs, fys, full, slot = self._push(
+            gs, fys, full, count, y_flat, ravel_pytree(fy)[0], real_coef
+        )
         valid: Bool[Array, " m"] = jnp.arange(m) < jnp.minimum(count + 1, m)
         gram = jnp.real(full) if real_coef else full
         both = valid[:, None] & valid[None, :]
@@ -126,10 +129,9 @@ class Anderson(AbstractFixedPointSolver):
         y_new = unravel(y_new_flat)
         return y_new, fn(y_new, args), new_state, float(self.period)
 
-    def _push(self, gs, fys, full, count, y, fy, real_coef):
-        """The pair `(y, fy)` written to history slot `count % m`, with its Gram row."""
-        y_flat, _ = ravel_pytree(y)
-        fy_flat, _ = ravel_pytree(fy)
+    def _push(self, gs, fys, full, count, y_flat, fy_flat, real_coef):
+        """The pair `(y, fy)` (flattened) written to history slot `count % m`, with its Gram
+        row."""
         slot = count % self.history
         g_new = planes(fy_flat - y_flat)
         gs = tuple(h.at[slot].set(v) for h, v in zip(gs, g_new, strict=True))
